@@ -49,6 +49,8 @@ import { homedir, hostname, userInfo } from "node:os";
 import { basename, dirname, join, matchesGlob, resolve } from "node:path";
 import process from "node:process";
 import { parseArgs } from "node:util";
+import { setFlagsFromString } from "node:v8";
+import { runInNewContext } from "node:vm";
 import { gunzipSync, gzipSync } from "node:zlib";
 import ssh2 from "npm:ssh2@1.17.0";
 
@@ -64,8 +66,9 @@ const NONCE_BYTES = 12; // §2, §3: AES-GCM
 const HEADER_BYTES = MAGIC.length + SALT_BYTES; // §3
 const CHUNK_BYTES = 4 * 2 ** 20; // §4: the unit of dedup, of resume and of memory use
 const MAX_OBJECT_BYTES = HEADER_BYTES + 4 + CHUNK_BYTES + 16; // §3, §4: larger is refused unread
-const IN_FLIGHT = 6; // chunks stored, or files restored, at once: bounds memory and keeps SSH busy
-const RESTORE_WINDOW = 3; // chunks fetched ahead within one restored file
+const IN_FLIGHT = 4; // chunks stored, or files restored, at once: bounds memory and keeps SSH busy
+const RESTORE_WINDOW = 2; // chunks fetched ahead within one restored file
+const COLLECT_EVERY = 8; // chunks between garbage collections (see collectGarbage)
 const SFTP_PIECE_BYTES = 255 * 1024; // the largest read or write OpenSSH's sftp-server accepts
 
 /** Exit 1: a failure reported in one line. UsageError exits 2, IntegrityError exits 3. */
@@ -84,6 +87,13 @@ class IntegrityError extends UserError {
 const fail = (error: Error): never => {
   throw error;
 };
+function parseJson(bytes: Uint8Array, what: string) {
+  try {
+    return JSON.parse(new TextDecoder().decode(bytes));
+  } catch {
+    throw new IntegrityError(`The ${what} is not valid JSON: it is corrupted`);
+  }
+}
 
 // ---- Crypto (§2–§4): the only code that touches crypto.subtle ---------------------------------
 
@@ -123,13 +133,7 @@ async function createConfig(passphrase: string): Promise<{ config: string; keys:
 
 /** §2: unwraps the master key; a wrong passphrase is told apart from a corrupted config. */
 async function unlockConfig(text: string, passphrase: string): Promise<Keys> {
-  const config = (() => {
-    try {
-      return JSON.parse(text);
-    } catch {
-      throw new IntegrityError("The repository config is not JSON: it is corrupted");
-    }
-  })();
+  const config = parseJson(utf8(text), "config");
   if (config?.format !== FORMAT) throw new UserError("Unsupported repository format");
   const kek = await deriveKek(passphrase, config.kdf, unbase64(config.kdf.salt));
   const wrap = gcm(unbase64(config.nonce), CONFIG_AAD);
@@ -162,18 +166,16 @@ function objectKey(keys: Keys, salt: Bytes, name: string): Promise<CryptoKey> {
   return subtle.deriveKey(hkdf, keys.encKey, aes, false, ["encrypt", "decrypt"]);
 }
 
-/** §3: "NFZ1" || salt || AES-256-GCM(K, 0^12, u32be(L) || content || padding). */
-async function seal(keys: Keys, name: string, content: Uint8Array): Promise<Bytes> {
+/** §3: "NFZ1" || salt || AES-256-GCM(K, 0^12, u32be(L) || content || padding), in two parts. */
+async function seal(keys: Keys, name: string, content: Uint8Array): Promise<Bytes[]> {
   const payload = new Uint8Array(4 + padme(content.length));
   new DataView(payload.buffer).setUint32(0, content.length);
   payload.set(content, 4);
-  const object = new Uint8Array(HEADER_BYTES + payload.length + 16);
-  object.set(utf8(MAGIC));
-  const salt = random(SALT_BYTES);
-  object.set(salt, MAGIC.length);
-  const key = await objectKey(keys, salt, name); // §3: a fresh K, so the zero nonce is used once
-  object.set(new Uint8Array(await subtle.encrypt(gcm(ZERO_NONCE), key, payload)), HEADER_BYTES);
-  return object;
+  const header = new Uint8Array(HEADER_BYTES);
+  header.set(utf8(MAGIC));
+  header.set(random(SALT_BYTES), MAGIC.length);
+  const key = await objectKey(keys, header.subarray(MAGIC.length), name); // §3: a fresh K
+  return [header, new Uint8Array(await subtle.encrypt(gcm(ZERO_NONCE), key, payload))];
 }
 
 /** §3: opens an object read from name; only authenticated bytes come out. */
@@ -181,7 +183,7 @@ async function unseal(keys: Keys, name: string, object: Bytes): Promise<Bytes> {
   const failure = new IntegrityError(`Cannot open ${name}: it is corrupted or tampered with`);
   const magic = new TextDecoder().decode(object.subarray(0, MAGIC.length));
   if (magic !== MAGIC || object.length < HEADER_BYTES + 4 + 16) throw failure;
-  const key = await objectKey(keys, object.slice(MAGIC.length, HEADER_BYTES), name);
+  const key = await objectKey(keys, object.subarray(MAGIC.length, HEADER_BYTES), name);
   const sealed = object.subarray(HEADER_BYTES);
   const payload = await subtle.decrypt(gcm(ZERO_NONCE), key, sealed).catch(() => fail(failure));
   const length = new DataView(payload).getUint32(0);
@@ -213,8 +215,7 @@ async function putJson(repo: Repo, name: string, value: unknown): Promise<void> 
 }
 
 async function getJson<T>(repo: Repo, name: string): Promise<T> {
-  const content = await unseal(repo.keys, name, await repo.store.read(name));
-  return JSON.parse(new TextDecoder().decode(content));
+  return parseJson(await unseal(repo.keys, name, await repo.store.read(name)), name);
 }
 
 /** §4: a chunk is handed out only once it is authenticated and matches its id. */
@@ -227,7 +228,7 @@ async function loadChunk(repo: Repo, id: string): Promise<Bytes> {
 /** §5: reads a manifest and rejects sneaky paths, so no entry can land outside the target. */
 async function loadManifest(repo: Repo, snapshot: Snapshot): Promise<Entry[]> {
   const parts = await Promise.all(snapshot.manifest.map((id) => loadChunk(repo, id)));
-  const entries: Entry[] = JSON.parse(gunzipSync(Buffer.concat(parts)).toString());
+  const entries: Entry[] = parseJson(gunzipSync(Buffer.concat(parts)), "manifest");
   for (const { path } of entries) {
     const parts = typeof path === "string" ? path.split("/") : [""];
     if (parts.some((part) => ["", ".", ".."].includes(part) || part.includes("\0"))) {
@@ -237,32 +238,22 @@ async function loadManifest(repo: Repo, snapshot: Snapshot): Promise<Entry[]> {
   return entries;
 }
 
-async function openSnapshot(repo: Repo, id: string): Promise<Snapshot> {
-  return { ...await getJson<Snapshot>(repo, `snapshots/${id}`), id };
-}
-
-/** §6: all snapshots, oldest first. One that fails to open is an error, or with log a warning. */
-async function listSnapshots(repo: Repo, log?: Log): Promise<Snapshot[]> {
-  const names = (await repo.store.list("snapshots")).filter((name) => /^[0-9a-f]{16}$/.test(name));
-  const opened = await Promise.all(names.map((id) =>
-    openSnapshot(repo, id).catch((error) => {
-      if (!log || !(error instanceof IntegrityError)) throw error;
-      log.warn(error.message);
-    })
-  ));
-  const snapshots = opened.filter((snapshot) => snapshot !== undefined);
+/** §6: the snapshots whose id starts with prefix, oldest first; a damaged one stops the command
+ * (exit 3), so tampering is never passed over in silence. */
+async function listSnapshots(repo: Repo, prefix = ""): Promise<Snapshot[]> {
+  const ids = (await repo.store.list("snapshots")).filter((id) => /^[0-9a-f]{16}$/.test(id));
+  const open = async (id: string) => ({ ...await getJson<Snapshot>(repo, `snapshots/${id}`), id });
+  const snapshots = await Promise.all(ids.filter((id) => id.startsWith(prefix)).map(open));
   return snapshots.sort((a, b) => a.time.localeCompare(b.time));
 }
 
-/** §6: the snapshot whose id starts with prefix, else the newest. */
+/** §6: the snapshot named by a unique id prefix, else the newest. */
 async function findSnapshot(repo: Repo, prefix?: string): Promise<Snapshot> {
-  if (prefix === undefined) {
-    const newest = (await listSnapshots(repo)).at(-1);
-    return newest ?? fail(new UserError("The repository has no snapshots yet"));
+  const snapshots = await listSnapshots(repo, prefix);
+  if (prefix && snapshots.length !== 1) {
+    throw new UserError(`${snapshots.length} snapshots match ${prefix}`);
   }
-  const matches = (await repo.store.list("snapshots")).filter((name) => name.startsWith(prefix));
-  if (matches.length !== 1) throw new UserError(`${matches.length} snapshots match "${prefix}"`);
-  return openSnapshot(repo, matches[0]);
+  return snapshots.at(-1) ?? fail(new UserError("The repository has no snapshots yet"));
 }
 
 /** §8: runs work under a lock, after removing stale locks of this host and (§7) leftovers. */
@@ -271,14 +262,12 @@ async function withLock<T>(repo: Repo, work: () => Promise<T>): Promise<T> {
     try {
       return !process.kill(pid, 0);
     } catch (error) {
-      return (error as { code?: string }).code === "ESRCH";
+      return (error as Untyped).code === "ESRCH";
     }
   };
   let others = 0;
   for (const name of await repo.store.list("locks")) {
-    const lock = await getJson<{ host: string; pid: number }>(repo, `locks/${name}`).catch(() =>
-      null
-    );
+    const lock = await getJson<Untyped>(repo, `locks/${name}`).catch(() => null);
     if (lock?.host !== hostname() || !gone(lock.pid)) others++;
     else await repo.store.remove(`locks/${name}`);
   }
@@ -294,43 +283,37 @@ async function withLock<T>(repo: Repo, work: () => Promise<T>): Promise<T> {
   }
 }
 
-/** Runs at most `limit` tasks at once; the first failure is rethrown by add() or drain(). */
-function taskPool(limit: number) {
-  const running = new Set<Promise<void>>();
-  const failures: unknown[] = [];
-  const check = () => failures.length && fail(failures[0] as Error);
-  const add = async (task: () => Promise<void>) => {
-    while (running.size >= limit) await Promise.race(running);
-    check();
-    const promise: Promise<void> = task().catch((error) => void failures.push(error))
-      .finally(() => running.delete(promise));
-    running.add(promise);
+/** V8 frees ArrayBuffers lazily: 4 MiB chunks churning at hundreds of MB/s would let memory
+ * float far above what is in use, so backup and restore collect every COLLECT_EVERY chunks. */
+setFlagsFromString("--expose-gc");
+const collectGarbage: () => void = runInNewContext("gc");
+
+/** Keeps at most `limit` tasks running, oldest awaited first; add() and drain() rethrow. */
+function inFlight(limit: number) {
+  const pending: Promise<unknown>[] = [];
+  const add = async (task: Promise<unknown>) => {
+    task.catch(() => {}); // awaited below or in drain(); this only marks it handled
+    pending.push(task);
+    if (pending.length >= limit) await pending.shift();
   };
-  return { add, drain: () => Promise.all(running).then(check) };
+  return { add, drain: () => Promise.all(pending.splice(0)) };
 }
 
-// ---- Storage (§1, §7): one interface; a local folder or an SFTP server behind it --------------
+// ---- Storage (§1, §7): one interface; an SFTP server or a local folder behind it --------------
 
 interface Store {
   read(name: string): Promise<Bytes>; // the whole object; an IntegrityError if it is missing
-  write(name: string, bytes: Uint8Array): Promise<void>; // §7: to tmp/, renamed when complete
+  write(name: string, parts: Uint8Array[]): Promise<void>; // §7: to tmp/, then renamed
   exists(name: string): Promise<boolean>;
   list(folder: string): Promise<string[]>; // [] if the folder does not exist
   remove(name: string): Promise<void>;
   makeFolders(): Promise<void>; // §1
-  close(): Promise<void>;
+  close(): void;
 }
-const FOLDERS = ["snapshots", "data", "locks", "tmp"]; // §1
 // deno-lint-ignore no-explicit-any
 type Untyped = any; // ssh2's Client and SFTP objects (npm:ssh2 ships no types) and node:fs
-const temporaryName = () => `tmp/${hex(random(8).buffer)}`;
+const FOLDERS = ["snapshots", "data", "locks", "tmp"]; // §1
 const missing = (name: string) => new IntegrityError(`${name} is missing from the repository`);
-
-/** §3, §4: no object is larger than a sealed chunk; a larger one is refused before it is read. */
-function checkSize(name: string, size: number): number {
-  if (size <= MAX_OBJECT_BYTES) return size;
-  throw new IntegrityError(`${name} is too large: it was tampered with`);
-}
 
 async function writeAll(file: Deno.FsFile, bytes: Uint8Array): Promise<void> {
   for (let done = 0; done < bytes.length;) done += await file.write(bytes.subarray(done));
@@ -356,60 +339,58 @@ function call<T>(target: Untyped, method: string, ...args: unknown[]): Promise<T
 }
 
 /** Reads or writes a whole object as concurrent SFTP_PIECE_BYTES requests: one round trip. */
-function transfer(files: Untyped, method: "read" | "write", handle: unknown, buffer: Buffer) {
+function transfer(
+  files: Untyped,
+  method: "read" | "write",
+  handle: unknown,
+  buffer: Buffer,
+  at = 0,
+) {
   const requests = [];
   for (let offset = 0; offset < buffer.length; offset += SFTP_PIECE_BYTES) {
     const length = Math.min(SFTP_PIECE_BYTES, buffer.length - offset);
-    requests.push(call<number>(files, method, handle, buffer, offset, length, offset));
+    requests.push(call<number>(files, method, handle, buffer, offset, length, at + offset));
   }
   return Promise.all(requests);
 }
 
-/** A Store over ssh2's SFTP calls. node:fs has the same callback API, so a local folder is served
- * by this same code through LOCAL_FILES, which only renames three of them. */
+/** A Store on ssh2's SFTP calls. node:fs has the same callback API, so a local folder runs this
+ * same code through LOCAL_FILES, which only names three calls as ssh2 does. */
 function makeStore(files: Untyped, root: string, close = () => {}): Store {
   const path = (name: string) => `${root}/${name}`;
-  const isMissing = (error: Untyped) => error.code === 2 || error.code === "ENOENT";
-  const ifMissing = <T>(value: T) => (error: Untyped) => isMissing(error) ? value : fail(error);
-  const stat = (path: string) =>
-    call<{ size: number; isDirectory(): boolean }>(files, "stat", path);
+  const ifMissing = <T>(value: T) => (error: Untyped) =>
+    error.code === 2 || error.code === "ENOENT" ? value : fail(error); // SSH_FX_NO_SUCH_FILE
+  const stat = (path: string) => call<Untyped>(files, "stat", path);
+  const closing = (handle: unknown) => () => call(files, "close", handle);
   return {
     async read(name) {
-      const handle = await call(files, "open", path(name), "r").catch(ifMissing(null));
+      const handle = await call(files, "open", path(name), "r", {}).catch(ifMissing(null));
       if (handle === null) throw missing(name);
-      try {
-        const size = checkSize(name, (await call<{ size: number }>(files, "fstat", handle)).size);
-        const buffer = Buffer.alloc(size);
-        const counts = await transfer(files, "read", handle, buffer);
-        if (counts.reduce((sum, count) => sum + count, 0) !== size) throw missing(name);
-        return new Uint8Array(buffer);
-      } finally {
-        await call(files, "close", handle);
-      }
+      const size = await call<Untyped>(files, "fstat", handle).then((info) => info.size);
+      const buffer = Buffer.alloc(size <= MAX_OBJECT_BYTES ? size : 0); // §3, §4: none is larger
+      const counts = await transfer(files, "read", handle, buffer).finally(closing(handle));
+      if (size > MAX_OBJECT_BYTES) throw new IntegrityError(`${name} is too large: tampered with`);
+      if (counts.reduce((sum, count) => sum + count, 0) !== size) throw missing(name);
+      return new Uint8Array(buffer.buffer, buffer.byteOffset, size); // its own, unpooled buffer
     },
-    async write(name, bytes) {
-      const temporary = path(temporaryName());
-      const handle = await call(files, "open", temporary, "wx");
-      try {
-        await transfer(
-          files,
-          "write",
-          handle,
-          Buffer.from(bytes.buffer, bytes.byteOffset, bytes.length),
-        );
-        await call(files, "ext_openssh_fsync", handle).catch(() => {}); // where the server has it
-      } finally {
-        await call(files, "close", handle);
-      }
+    async write(name, parts) {
+      const temporary = path(`tmp/${hex(random(8).buffer)}`);
+      const handle = await call(files, "open", temporary, "wx", { mode: 0o600 });
+      let length = 0;
+      const buffers = parts.map((part) => Buffer.from(part.buffer, part.byteOffset, part.length));
+      const writes = buffers.map((part) =>
+        transfer(files, "write", handle, part, (length += part.length) - part.length)
+      );
+      await Promise.all(writes)
+        .then(() => call(files, "ext_openssh_fsync", handle).catch(() => {})) // if the server can
+        .finally(closing(handle));
       const { size } = await stat(temporary); // the byte count is checked before the rename
-      if (size !== bytes.length) {
-        throw new UserError(`Only ${size} of ${bytes.length} bytes stored`);
-      }
+      if (size !== length) throw new UserError(`Only ${size} of ${length} bytes were stored`);
       await call(files, "ext_openssh_rename", temporary, path(name)); // atomic, replaces the target
     },
     exists: (name) => stat(path(name)).then(() => true, ifMissing(false)),
     list: (folder) =>
-      call<{ filename: string }[]>(files, "readdir", path(folder))
+      call<Untyped[]>(files, "readdir", path(folder))
         .then((items) => items.map((item) => item.filename), ifMissing([])),
     remove: (name) => call(files, "unlink", path(name)),
     async makeFolders() {
@@ -420,18 +401,20 @@ function makeStore(files: Untyped, root: string, close = () => {}): Store {
         }
       }
     },
-    close: async () => close(),
+    close,
   };
 }
 const LOCAL_FILES = {
   ...fs,
+  open: (path: string, flags: string, attrs: Untyped, done: Untyped) =>
+    fs.open(path, flags, attrs.mode ?? 0o666, done),
   readdir: (path: string, done: Untyped) =>
     fs.readdir(path, (error, names) => done(error, names?.map((filename) => ({ filename })))),
   ext_openssh_rename: fs.rename,
   ext_openssh_fsync: fs.fsync,
 };
 
-// ---- SFTP storage (npm:ssh2): host keys, authentication, pipelined transfers ------------------
+// ---- SFTP (npm:ssh2): host keys, authentication -----------------------------------------------
 
 type Remote = { user: string; host: string; port: number; path: string; identity?: string };
 const SSH_CIPHERS = ["chacha20-poly1305@openssh.com", "aes128-gcm@openssh.com", "aes256-ctr"];
@@ -443,7 +426,7 @@ function parseRemote(location: string): Remote | null {
   const match = /^sftp:\/\/(?:([^@/]+)@)?([^/:]+)(?::(\d+))?(\/.*)$/.exec(location) ??
     /^(?:([^@/]+)@)?([^/:]+):()(.*)$/.exec(location);
   if (!match) return null;
-  const config: Record<string, string> = {}; // ~/.ssh/config: first value wins, as in OpenSSH
+  const config: Record<string, string> = {}; // ~/.ssh/config: the first value wins, as in OpenSSH
   let applies = true;
   for (const line of readLines(join(homedir(), ".ssh", "config"))) {
     const [keyword, ...values] = line.trim().split(/\s*=\s*|\s+/);
@@ -452,20 +435,16 @@ function parseRemote(location: string): Remote | null {
     else if (key === "match") applies = false;
     else if (applies && values.length && !(key in config)) config[key] = values.join(" ");
   }
-  const [user, host] = [
-    match[1] ?? config.user ?? userInfo().username,
-    config.hostname ?? match[2],
-  ];
-  const [port, path] = [
-    Number(match[3] || config.port || 22),
-    match[4].replace(/^~\/?/, "") || ".",
-  ];
-  return { user, host, port, path, identity: config.identityfile?.replace(/^~/, homedir()) };
+  const user = match[1] ?? config.user ?? userInfo().username;
+  const port = Number(match[3] || config.port || 22);
+  const path = match[4].replace(/^~\/?/, "") || ".";
+  const identity = config.identityfile?.replace(/^~/, homedir());
+  return { user, host: config.hostname ?? match[2], port, path, identity };
 }
 
 /** Strict host-key checking against known_hosts (hashed |1| entries too); a new key only with
- * --accept-new-host, which then appends it; a changed key never. */
-function checkHostKey(file: string, name: string, key: Buffer, acceptNew: boolean): void {
+ * --accept-new-host, which then appends it; a changed key never. Returns why it refuses. */
+function hostKeyRefusal(file: string, name: string, key: Buffer, acceptNew: boolean) {
   const matches = (pattern: string) => {
     const [, hashed, salt, hash] = pattern.split("|");
     if (hashed !== "1") return pattern === name;
@@ -473,23 +452,23 @@ function checkHostKey(file: string, name: string, key: Buffer, acceptNew: boolea
   };
   const known = readLines(file).map((line) => line.trim().split(/\s+/))
     .filter(([hosts, , key]) => key && !hosts.startsWith("#") && hosts.split(",").some(matches));
-  if (known.some((fields) => fields[2] === key.toString("base64"))) return;
+  if (known.some((fields) => fields[2] === key.toString("base64"))) return null;
   const print = `SHA256:${createHash("sha256").update(key).digest("base64").replace(/=+$/, "")}`;
   if (known.length) {
     const hint = `if you expected this change, remove the old key from ${file}`;
-    throw new UserError(`HOST KEY OF ${name} HAS CHANGED to ${print}: refusing to connect`, hint);
+    return new UserError(`HOST KEY OF ${name} HAS CHANGED to ${print}: refusing to connect`, hint);
   }
   const hint = "check the fingerprint with the server's owner, then use --accept-new-host";
-  if (!acceptNew) throw new UserError(`Unknown host ${name}, key fingerprint ${print}`, hint);
+  if (!acceptNew) return new UserError(`Unknown host ${name}, key fingerprint ${print}`, hint);
   const type = key.subarray(4, 4 + key.readUInt32BE(0)).toString();
   Deno.mkdirSync(dirname(file), { recursive: true, mode: 0o700 });
   Deno.writeTextFileSync(file, `${name} ${type} ${key.toString("base64")}\n`, { append: true });
+  return null;
 }
 
 /** Authentication in order: -i (or IdentityFile), ssh-agent, default keys, then a password. */
 function authMethods(remote: Remote, identity?: string): (() => Promise<object>)[] {
   const username = remote.user;
-  const keyFiles = SSH_DEFAULT_KEYS.map((name) => join(homedir(), ".ssh", name));
   const withKey = (file: string) => async () => {
     const key = readFileSync(file);
     const locked = ssh2.utils.parseKey(key) instanceof Error;
@@ -498,12 +477,11 @@ function authMethods(remote: Remote, identity?: string): (() => Promise<object>)
   };
   const agent = Deno.env.get("SSH_AUTH_SOCK");
   const password = async () =>
-    Deno.env.get("NFREEZER_SSH_PASSWORD") ??
-      await promptSecret(`Password for ${username}@${remote.host}: `);
+    Deno.env.get("NFREEZER_SSH_PASSWORD") ?? await promptSecret(`Password for ${username}: `);
   return [
     ...[identity ?? remote.identity].filter((file) => file !== undefined).map(withKey),
-    ...(agent ? [async () => ({ type: "agent", username, agent })] : []),
-    ...keyFiles.filter((file) => existsSync(file)).map(withKey),
+    ...(agent ? [() => Promise.resolve({ type: "agent", username, agent })] : []),
+    ...SSH_DEFAULT_KEYS.map((key) => join(homedir(), ".ssh", key)).filter(existsSync).map(withKey),
     async () => ({ type: "password", username, password: await password() }),
   ];
 }
@@ -514,19 +492,14 @@ async function connectSftp(remote: Remote, options: Options): Promise<Store> {
   const socket = connect({ host: remote.host, port: remote.port });
   socket.setNoDelay(true); // ssh2 under Deno leaves Nagle on: ~44 ms per small request otherwise
   const [client, methods] = [new ssh2.Client(), authMethods(remote, options.identity)];
-  let refusal: Error | undefined;
+  let refusal: Error | null = null;
+  const acceptNew = !!options["accept-new-host"];
   const ready = new Promise((done, reject) => client.once("ready", done).once("error", reject));
   client.connect({
     sock: socket,
     username: remote.user,
     algorithms: { cipher: SSH_CIPHERS }, // chacha20 is ~2x faster than AES-GCM in ssh2 on Deno
-    hostVerifier: (key: Buffer) => {
-      try {
-        return checkHostKey(file, name, key, !!options["accept-new-host"]) ?? true;
-      } catch (error) {
-        return (refusal = error as Error) && false;
-      }
-    },
+    hostVerifier: (key: Buffer) => !(refusal ??= hostKeyRefusal(file, name, key, acceptNew)),
     authHandler: (_methods: unknown, _partial: unknown, next: (method: object | false) => void) => {
       const tryNext = (): void => {
         const method = methods.shift(); // one that cannot be prepared (no terminal) is skipped
@@ -537,9 +510,8 @@ async function connectSftp(remote: Remote, options: Options): Promise<Store> {
   });
   await ready.catch((error) => {
     socket.destroy();
-    if (error.level === "client-authentication") {
-      refusal ??= new UserError(`SSH authentication as ${remote.user}@${name} failed`);
-    }
+    const denied = error.level === "client-authentication";
+    if (denied) refusal ??= new UserError(`SSH authentication as ${remote.user}@${name} failed`);
     throw refusal ?? new UserError(`Cannot connect to ${name}: ${error.message}`);
   });
   client.on("error", () => {}); // later failures reach the pending SFTP calls as errors
@@ -549,57 +521,35 @@ async function connectSftp(remote: Remote, options: Options): Promise<Store> {
 // ---- Backup -----------------------------------------------------------------------------------
 
 type Log = { info(text: string): void; warn(text: string): void };
-type Stats = { entries: number; bytesRead: number; chunksStored: number; bytesStored: number };
 const isFsError = (error: unknown): error is Error =>
   Object.values(Deno.errors).some((type) => error instanceof type);
 
 /** Walks root without following links; dotfiles included; sockets, fifos, devices skipped. */
 function scanTree(root: string, excludes: string[], log: Log, failed: string[]): Entry[] {
   const entries: Entry[] = [];
-  const visit = (path: string, name: string) => {
-    if (excludes.some((glob) => matchesGlob(path, glob) || matchesGlob(name, glob))) return;
-    const info = Deno.lstatSync(join(root, path));
-    const entry = { path, mode: info.mode! & 0o7777, mtime: info.mtime!.getTime() };
-    if (info.isFile) entries.push({ ...entry, type: "file", size: info.size });
-    else if (info.isSymlink) {
-      entries.push({ ...entry, type: "symlink", target: Deno.readLinkSync(join(root, path)) });
-    } else if (!info.isDirectory) log.warn(`skipped ${path}: not a file, folder or symlink`);
-    else {
-      if (path) entries.push({ ...entry, type: "dir" });
-      for (const item of Deno.readDirSync(join(root, path))) {
-        tryVisit(path ? `${path}/${item.name}` : item.name, item.name);
-      }
-    }
-  };
-  const tryVisit = (path: string, name: string) => {
+  const visit = (path: string) => {
     try {
-      visit(path, name);
+      const info = Deno.lstatSync(join(root, path));
+      const entry = { path, mode: info.mode! & 0o7777, mtime: info.mtime!.getTime() };
+      const target = info.isSymlink ? Deno.readLinkSync(join(root, path)) : undefined;
+      if (info.isFile) return entries.push({ ...entry, type: "file", size: info.size });
+      if (target !== undefined) return entries.push({ ...entry, type: "symlink", target });
+      if (!info.isDirectory) return log.warn(`skipped ${path}: not a file, folder or symlink`);
+      if (path) entries.push({ ...entry, type: "dir" });
+      for (const { name } of Deno.readDirSync(join(root, path))) {
+        const child = path ? `${path}/${name}` : name;
+        if (!excludes.some((glob) => matchesGlob(child, glob) || matchesGlob(name, glob))) {
+          visit(child);
+        }
+      }
     } catch (error) {
       if (!isFsError(error)) throw error;
       log.warn(`cannot read ${path || root}: ${error.message}`);
       failed.push(path || root);
     }
   };
-  tryVisit("", "");
+  visit("");
   return entries.sort((a, b) => (a.path < b.path ? -1 : 1));
-}
-
-/** §4: stores the chunks the repository lacks, IN_FLIGHT at once; returns each chunk's id. */
-function makeUploader(repo: Repo, known: Set<string>, stats: Stats) {
-  const pool = taskPool(IN_FLIGHT);
-  const put = async (chunk: Bytes) => {
-    const id = await chunkId(repo.keys, chunk);
-    if (known.has(id)) return id;
-    known.add(id);
-    await pool.add(async () => {
-      if (await repo.store.exists(`data/${id}`)) return; // stored by an earlier, interrupted run
-      await repo.store.write(`data/${id}`, await seal(repo.keys, `data/${id}`, chunk));
-      stats.chunksStored++;
-      stats.bytesStored += chunk.length;
-    });
-    return id;
-  };
-  return { put, drain: pool.drain };
 }
 
 /** Chunks one file; null if it kept changing while read: never stored half old, half new. */
@@ -621,11 +571,12 @@ async function storeFile(path: string, entry: Entry, put: (chunk: Bytes) => Prom
   return null;
 }
 
-/** Adds a snapshot of source; a file with its parent snapshot's size and mtime is not read. */
+/** Adds a snapshot of source. Only files whose size or mtime differ from the parent snapshot's
+ * are read, and only chunks the repository lacks are stored, IN_FLIGHT at once (§4). */
 async function backup(repo: Repo, source: string, excludes: string[], log: Log) {
   const root = resolve(source);
   if (!Deno.statSync(root).isDirectory) throw new UserError(`${source} is not a folder`);
-  const snapshots = await listSnapshots(repo, log);
+  const snapshots = await listSnapshots(repo);
   const parent = snapshots.findLast((item) => item.host === hostname() && item.source === root);
   const previous = new Map<string, Entry>();
   const known = new Set(parent?.manifest);
@@ -633,12 +584,24 @@ async function backup(repo: Repo, source: string, excludes: string[], log: Log) 
     previous.set(entry.path, entry);
     entry.chunks?.forEach((id) => known.add(id));
   }
-  const stats: Stats = { entries: 0, bytesRead: 0, chunksStored: 0, bytesStored: 0 };
-  const { put, drain } = makeUploader(repo, known, stats);
+  const stats = { bytesRead: 0, chunksStored: 0, bytesStored: 0 };
+  const uploads = inFlight(IN_FLIGHT);
+  let count = 0;
+  const upload = async (id: string, chunk: Bytes) => {
+    if (await repo.store.exists(`data/${id}`)) return; // stored by an earlier, interrupted run
+    await repo.store.write(`data/${id}`, await seal(repo.keys, `data/${id}`, chunk));
+    stats.chunksStored++;
+    stats.bytesStored += chunk.length;
+  };
+  const put = async (chunk: Bytes) => {
+    const id = await chunkId(repo.keys, chunk);
+    if (++count % COLLECT_EVERY === 0) collectGarbage();
+    if (!known.has(id)) await uploads.add(upload(id, chunk));
+    return known.add(id) && id;
+  };
   const [failed, entries]: [string[], Entry[]] = [[], []];
   for (const entry of scanTree(root, excludes, log, failed)) {
     const old = previous.get(entry.path);
-    stats.entries++;
     if (entry.type !== "file") entries.push(entry);
     else if (old?.chunks && old.size === entry.size && old.mtime === entry.mtime) {
       entries.push({ ...entry, chunks: old.chunks });
@@ -647,8 +610,9 @@ async function backup(repo: Repo, source: string, excludes: string[], log: Log) 
         isFsError(error) ? log.warn(`cannot read ${entry.path}: ${error.message}`) : fail(error)
       );
       if (stored === null) log.warn(`skipped ${entry.path}: it kept changing while being read`);
-      if (stored) stats.bytesRead += stored.size;
-      stored ? entries.push(stored) : failed.push(entry.path);
+      stats.bytesRead += stored?.size ?? 0;
+      if (stored) entries.push(stored);
+      else failed.push(entry.path);
     }
   }
   const packed = gzipSync(utf8(JSON.stringify(entries)));
@@ -656,15 +620,13 @@ async function backup(repo: Repo, source: string, excludes: string[], log: Log) 
   for (let offset = 0; offset < packed.length; offset += CHUNK_BYTES) {
     manifest.push(await put(new Uint8Array(packed.subarray(offset, offset + CHUNK_BYTES))));
   }
-  await drain(); // §6: every chunk is stored before a snapshot can refer to it
-  const [id, bytes] = [
-    hex(random(8).buffer),
-    entries.reduce((sum, { size }) => sum + (size ?? 0), 0),
-  ];
+  await uploads.drain(); // §6: every chunk is stored before a snapshot can refer to it
+  const id = hex(random(8).buffer);
   const time = new Date().toISOString();
-  const snapshot = { time, host: hostname(), source: root, parent: parent?.id, manifest };
-  await putJson(repo, `snapshots/${id}`, { ...snapshot, files: entries.length, bytes });
-  return { id, stats, failed };
+  const bytes = entries.reduce((sum, { size }) => sum + (size ?? 0), 0);
+  const snapshot = { time, host: hostname(), source: root, parent: parent?.id, manifest, bytes };
+  await putJson(repo, `snapshots/${id}`, { ...snapshot, files: entries.length });
+  return { id, entries, failed, ...stats };
 }
 
 // ---- Restore ----------------------------------------------------------------------------------
@@ -676,32 +638,24 @@ async function sameContent(keys: Keys, path: string, entry: Entry): Promise<bool
   using file = await Deno.open(path);
   for (const [index, id] of entry.chunks!.entries()) {
     const chunk = new Uint8Array(Math.min(CHUNK_BYTES, entry.size! - index * CHUNK_BYTES));
-    if (await readFull(file, chunk) < chunk.length || await chunkId(keys, chunk) !== id) {
-      return false;
-    }
+    if (await readFull(file, chunk) < chunk.length) return false;
+    if (await chunkId(keys, chunk) !== id) return false;
   }
   return true;
 }
 
 /** Writes verified chunks to a temporary file, renamed into place only once all of them passed. */
-async function restoreFile(
-  repo: Repo,
-  path: string,
-  temporary: string,
-  entry: Entry,
-  stats: Stats,
-) {
+async function restoreFile(repo: Repo, path: string, temporary: string, entry: Entry) {
   if (await sameContent(repo.keys, path, entry)) return;
   using file = await Deno.open(temporary, { write: true, createNew: true, mode: 0o600 });
-  const pending: Promise<Bytes>[] = [];
-  for (let next = 0; next < entry.chunks!.length || pending.length;) {
-    while (next < entry.chunks!.length && pending.length < RESTORE_WINDOW) {
-      pending.push(loadChunk(repo, entry.chunks![next++]));
+  const [ids, pending] = [entry.chunks!, [] as Promise<Bytes>[]];
+  for (let next = 0; next < ids.length || pending.length;) {
+    while (next < ids.length && pending.length < RESTORE_WINDOW) {
+      pending.push(loadChunk(repo, ids[next++]));
       pending.at(-1)!.catch(() => {}); // awaited in order below; this only marks it handled
     }
-    const chunk = await pending.shift()!;
-    await writeAll(file, chunk);
-    stats.bytesStored += chunk.length;
+    await writeAll(file, await pending.shift()!);
+    if (next % COLLECT_EVERY === 0) collectGarbage();
   }
   await Deno.rename(temporary, path);
 }
@@ -710,24 +664,22 @@ async function restoreFile(
 async function restore(repo: Repo, target: string, includes: string[], log: Log, id?: string) {
   const snapshot = await findSnapshot(repo, id);
   const wanted = (path: string) =>
-    !includes.length || includes.some((prefix) => `${path}/`.startsWith(`${prefix}/`));
+    !includes.length ||
+    includes.some((prefix) => `${path}/`.startsWith(`${prefix.replace(/\/+$/, "")}/`));
   const entries = (await loadManifest(repo, snapshot)).filter((entry) => wanted(entry.path));
   if (!entries.length && includes.length) throw new UserError("No path matches --include");
-  const stats: Stats = { entries: entries.length, bytesRead: 0, chunksStored: 0, bytesStored: 0 };
   const failed = new Map<string, Error>();
   const attempt = async (entry: Entry) => {
     const path = join(target, entry.path);
     const temporary = join(dirname(path), `.${basename(path)}.nfreezer-${hex(random(4).buffer)}`);
     try {
-      await Deno.mkdir(dirname(path), { recursive: true });
-      if (entry.type === "dir") await Deno.mkdir(path, { recursive: true });
-      if (entry.type === "file") await restoreFile(repo, path, temporary, entry, stats);
-      if (
-        entry.type === "symlink" && (await Deno.readLink(path).catch(() => "")) !== entry.target
-      ) {
-        await Deno.symlink(entry.target!, temporary);
-        await Deno.rename(temporary, path);
+      await Deno.mkdir(entry.type === "dir" ? path : dirname(path), { recursive: true });
+      if (entry.type === "file") await restoreFile(repo, path, temporary, entry);
+      if (entry.type !== "symlink" || await Deno.readLink(path).catch(() => "") === entry.target) {
+        return;
       }
+      await Deno.symlink(entry.target!, temporary);
+      await Deno.rename(temporary, path);
     } catch (error) {
       if (!(error instanceof UserError || isFsError(error))) throw error;
       await Deno.remove(temporary).catch(() => {});
@@ -735,13 +687,12 @@ async function restore(repo: Repo, target: string, includes: string[], log: Log,
       failed.set(entry.path, error);
     }
   };
-  const pool = taskPool(IN_FLIGHT); // links last, so no link can redirect a file being written
-  for (const entry of entries.filter((entry) => entry.type === "dir")) await attempt(entry);
-  for (const entry of entries.filter((entry) => entry.type === "file")) {
-    await pool.add(() => attempt(entry));
-  }
-  await pool.drain();
-  for (const entry of entries.filter((entry) => entry.type === "symlink")) await attempt(entry);
+  const files = inFlight(IN_FLIGHT); // links come last: none can redirect a file being written
+  const ofType = (type: string) => entries.filter((entry) => entry.type === type);
+  for (const entry of ofType("dir")) await attempt(entry);
+  for (const entry of ofType("file")) await files.add(attempt(entry));
+  await files.drain();
+  for (const entry of ofType("symlink")) await attempt(entry);
   for (const entry of entries.toReversed().filter((entry) => !failed.has(entry.path))) {
     if (entry.type !== "symlink") await Deno.chmod(join(target, entry.path), entry.mode);
     await lutimes(join(target, entry.path), new Date(entry.mtime), new Date(entry.mtime));
@@ -751,7 +702,7 @@ async function restore(repo: Repo, target: string, includes: string[], log: Log,
     throw new IntegrityError(message);
   }
   if (failed.size) throw new UserError(message);
-  return { snapshot, stats };
+  return { snapshot, entries };
 }
 
 // ---- Command line -----------------------------------------------------------------------------
@@ -789,35 +740,36 @@ type Options = ReturnType<typeof parseArgs<{ options: typeof OPTIONS }>>["values
 
 /** Reads a line from the terminal without echoing it. */
 async function promptSecret(question: string): Promise<string> {
-  if (!Deno.stdin.isTerminal()) throw new UserError(`No terminal to ask for: ${question}`);
+  if (!Deno.stdin.isTerminal()) throw new UserError(`No terminal to ask: ${question}`);
   Deno.stderr.writeSync(utf8(question));
   Deno.stdin.setRaw(true);
-  const bytes: number[] = [];
+  const [bytes, byte] = [[] as number[], new Uint8Array(1)];
   try {
-    for (const byte = new Uint8Array(1); await Deno.stdin.read(byte) && byte[0] !== 13;) {
+    while (await Deno.stdin.read(byte) && byte[0] !== 13) {
       if (byte[0] === 3) throw new UserError("Interrupted");
-      byte[0] === 127 ? bytes.pop() : bytes.push(byte[0]);
+      if (byte[0] === 127) bytes.pop();
+      else bytes.push(byte[0]);
     }
   } finally {
     Deno.stdin.setRaw(false);
     Deno.stderr.writeSync(utf8("\n"));
   }
-  return new TextDecoder().decode(new Uint8Array(bytes));
+  return new TextDecoder().decode(Uint8Array.from(bytes));
 }
 
-async function getPassphrase(options: Options, twice: boolean): Promise<string> {
+/** The passphrase from --password-file, else $NFREEZER_PASSWORD, else asked (twice if new). */
+async function getPassphrase(options: Options, creating: boolean): Promise<string> {
   const file = options["password-file"];
   const given = file
     ? Deno.readTextFileSync(file).replace(/\r?\n$/, "")
     : Deno.env.get("NFREEZER_PASSWORD");
   const passphrase = given ?? await promptSecret("Repository passphrase: ");
-  if (given === undefined && twice && passphrase !== await promptSecret("Repeat it: ")) {
-    throw new UserError("The passphrases differ");
-  }
+  const again = given === undefined && creating ? await promptSecret("Repeat it: ") : passphrase;
+  if (passphrase !== again) throw new UserError("The passphrases differ");
   return passphrase || fail(new UserError("The passphrase is empty"));
 }
 
-/** Opens the repository at location, creating it if allowed and absent. */
+/** Opens the repository at location; init and backup create it if there is none. */
 async function openRepo(location: string, options: Options, create: boolean): Promise<Repo> {
   const remote = parseRemote(location);
   const store = remote
@@ -829,15 +781,13 @@ async function openRepo(location: string, options: Options, create: boolean): Pr
       return { store, keys: await unlockConfig(config, await getPassphrase(options, false)) };
     }
     if (!create) throw new UserError(`No repository at ${location}`, "create one with init");
-    if ((await store.list("")).length) {
-      throw new UserError(`${location} is not empty, nor a repository`);
-    }
+    if ((await store.list("")).length) throw new UserError(`${location} is not empty`);
     const { config, keys } = await createConfig(await getPassphrase(options, true));
     await store.makeFolders();
-    await store.write("config", utf8(config));
+    await store.write("config", [utf8(config)]);
     return { store, keys };
   } catch (error) {
-    await store.close();
+    store.close();
     throw error;
   }
 }
@@ -845,35 +795,22 @@ async function openRepo(location: string, options: Options, create: boolean): Pr
 type Command = (repo: Repo, args: string[], options: Options, log: Log) => Promise<unknown>;
 const mib = (bytes: number) => `${(bytes / 2 ** 20).toFixed(1)} MiB`;
 const COMMANDS: Record<string, Command> = {
-  init: async (_repo, [location], _options, log) => log.info(`Repository ready at ${location}`),
-  backup: async (repo, [source], options, log) => {
-    const run = () => backup(repo, source, options.exclude ?? [], log);
-    const { id, stats, failed } = await withLock(repo, run);
-    const { entries, bytesRead, chunksStored, bytesStored } = stats;
+  init: (_repo, [location], _options, log) => Promise.resolve(log.info(`Created ${location}`)),
+  async backup(repo, [source], options, log) {
+    const done = await withLock(repo, () => backup(repo, source, options.exclude ?? [], log));
+    const stored = `${done.chunksStored} new chunks (${mib(done.bytesStored)})`;
     log.info(
-      `Snapshot ${id} saved: ${entries} entries, ${
-        mib(bytesRead)
-      } read, ${chunksStored} new chunks (${mib(bytesStored)})`,
+      `Snapshot ${done.id}: ${done.entries.length} entries, ${mib(done.bytesRead)} read, ${stored}`,
     );
-    if (failed.length) {
-      throw new UserError(`${failed.length} paths could not be backed up (see above)`);
+    if (done.failed.length) {
+      throw new UserError(`${done.failed.length} paths could not be backed up (see above)`);
     }
   },
-  restore: async (repo, [, target], options, log) => {
-    const { snapshot, stats } = await restore(
-      repo,
-      resolve(target),
-      options.include ?? [],
-      log,
-      options.snapshot,
-    );
-    log.info(
-      `Restored snapshot ${snapshot.id}: ${stats.entries} entries, ${
-        mib(stats.bytesStored)
-      } written`,
-    );
+  async restore(repo, [, target], options, log) {
+    const done = await restore(repo, resolve(target), options.include ?? [], log, options.snapshot);
+    log.info(`Restored snapshot ${done.snapshot.id}: ${done.entries.length} entries`);
   },
-  snapshots: async (repo, _args, options, log) => {
+  async snapshots(repo, _args, options, log) {
     const snapshots = await listSnapshots(repo);
     if (options.json) return console.log(JSON.stringify(snapshots, null, 2));
     for (const { id, time, host, source, files, bytes } of snapshots) {
@@ -882,15 +819,17 @@ const COMMANDS: Record<string, Command> = {
   },
 };
 
-/** Each command's USAGE line is its spec: the <arguments> it takes and the --options it adds. */
+/** A command's USAGE line is its spec: the <arguments> it takes and the [--options] it adds. */
 async function runCli(argv: string[]): Promise<void> {
-  const { values: options, positionals: [name, ...args] } = (() => {
+  process.umask(0o077); // safe default: what this process creates is private to the user
+  const parsed = (() => {
     try {
       return parseArgs({ args: argv, options: OPTIONS, allowPositionals: true });
     } catch (error) {
       throw new UsageError((error as Error).message, "see nfreezer --help");
     }
   })();
+  const { values: options, positionals: [name, ...args] } = parsed;
   const line = USAGE.split("\n").find((text) => COMMANDS[name] && text.startsWith(`  ${name} `));
   if (!line && (options.help || !name)) return console.log(USAGE);
   if (!line) throw new UsageError(`Unknown command ${name}`, "see nfreezer --help");
@@ -898,8 +837,8 @@ async function runCli(argv: string[]): Promise<void> {
   if (options.help) return console.log(`${usage}\n\n${USAGE.slice(USAGE.indexOf("Options:"))}`);
   const wanted = line.match(/<[^>]+>/g)!;
   const own = ["exclude", "snapshot", "include", "json"].filter((key) => key in options);
-  const misplaced = own.find((key) => !line.includes(`--${key} `) && !line.endsWith(`--${key}]`));
-  if (misplaced) throw new UsageError(`${name} does not take --${misplaced}`, usage);
+  const foreign = own.find((key) => !line.includes(`[--${key}`));
+  if (foreign) throw new UsageError(`${name} does not take --${foreign}`, usage);
   if (args.length !== wanted.length) {
     throw new UsageError(`${name} takes ${wanted.join(" ")}`, usage);
   }
@@ -907,16 +846,9 @@ async function runCli(argv: string[]): Promise<void> {
     info: (text: string) => options.quiet || console.log(text),
     warn: (text: string) => console.error(`nfreezer: warning: ${text}`),
   };
-  const repo = await openRepo(
-    args[wanted.indexOf("<repo>")],
-    options,
-    ["init", "backup"].includes(name),
-  );
-  try {
-    await COMMANDS[name](repo, args, options, log);
-  } finally {
-    await repo.store.close();
-  }
+  const create = ["init", "backup"].includes(name);
+  const repo = await openRepo(args[wanted.indexOf("<repo>")], options, create);
+  await COMMANDS[name](repo, args, options, log).finally(() => repo.store.close());
 }
 
 /** Runs the command line and returns the exit code; errors that are not ours keep their stack. */
