@@ -327,15 +327,17 @@ async function readFull(file: Deno.FsFile, buffer: Uint8Array): Promise<number> 
   return done;
 }
 
-/** Promise form of a callback call (ssh2 SFTP or node:fs); failures become one-line UserErrors. */
+/** Promise form of a callback call (ssh2 SFTP or node:fs); failures become one-line UserErrors.
+ * ssh2 never answers requests pending when a connection drops: target.lost fails them then. */
 function call<T>(target: Untyped, method: string, ...args: unknown[]): Promise<T> {
-  return new Promise((done, reject) =>
+  const request = new Promise<T>((done, reject) =>
     target[method](...args, (error: Untyped, result: T) => {
       if (!error) return done(result);
       const what = typeof args[0] === "string" ? ` ${args[0]}` : "";
       reject(Object.assign(new UserError(`Cannot ${method}${what}: ${error.message}`), error));
     })
   );
+  return target.lost ? Promise.race([request, target.lost]) : request;
 }
 
 /** Reads or writes a whole object as concurrent SFTP_PIECE_BYTES requests: one round trip. */
@@ -514,8 +516,13 @@ async function connectSftp(remote: Remote, options: Options): Promise<Store> {
     if (denied) refusal ??= new UserError(`SSH authentication as ${remote.user}@${name} failed`);
     throw refusal ?? new UserError(`Cannot connect to ${name}: ${error.message}`);
   });
-  client.on("error", () => {}); // later failures reach the pending SFTP calls as errors
-  return makeStore(await call(client, "sftp"), remote.path, () => client.end());
+  client.on("error", () => {}); // later failures reach the pending SFTP calls through `lost`
+  const sftp = await call<Untyped>(client, "sftp");
+  sftp.lost = new Promise((_, reject) =>
+    client.once("close", () => reject(new UserError(`The connection to ${name} was lost`)))
+  );
+  sftp.lost.catch(() => {}); // it only matters to calls still pending when it fails
+  return makeStore(sftp, remote.path, () => client.end());
 }
 
 // ---- Backup -----------------------------------------------------------------------------------

@@ -331,6 +331,7 @@ type Sshd = {
   dir: string;
   userKey: string;
   knownHosts: string;
+  dropSessions(): Promise<void>; // kills every open connection; the listener stays up
   stop(): Promise<void>;
 };
 
@@ -398,7 +399,10 @@ async function startSshd(): Promise<Sshd | null> {
     await process.status;
     Deno.removeSync(dir, { recursive: true });
   };
-  return { port, dir, userKey: join(dir, "user_key"), knownHosts, stop };
+  const dropSessions = async () => {
+    await new Deno.Command("pkill", { args: ["-KILL", "-P", String(process.pid)] }).output();
+  };
+  return { port, dir, userKey: join(dir, "user_key"), knownHosts, dropSessions, stop };
 }
 
 Deno.test("SFTP repository against a real sshd", async (t) => {
@@ -412,6 +416,10 @@ Deno.test("SFTP repository against a real sshd", async (t) => {
     name: "sftp",
     repo: (dir) => [url(dir), "-i", server.userKey, "--known-hosts", server.knownHosts],
   };
+  const probe = (knownHosts: string) => {
+    const where = url(join(server.dir, "none"));
+    return ["snapshots", where, "-i", server.userKey, "--known-hosts", knownHosts];
+  };
   try {
     await t.step("core scenarios", (t) => coreScenarios(t, sftp));
     await t.step("tampering is detected", (t) => tamperScenarios(t, sftp));
@@ -419,14 +427,7 @@ Deno.test("SFTP repository against a real sshd", async (t) => {
       "host keys: unknown refused, accepted on request, changed always refused",
       async () => {
         const knownHosts = join(server.dir, "fresh_known_hosts");
-        const args = [
-          "snapshots",
-          url(join(server.dir, "none")),
-          "-i",
-          server.userKey,
-          "--known-hosts",
-          knownHosts,
-        ];
+        const args = probe(knownHosts);
         assertOneLineError(
           await nfreezer(args),
           1,
@@ -451,16 +452,50 @@ Deno.test("SFTP repository against a real sshd", async (t) => {
       Deno.copyFileSync(server.knownHosts, knownHosts);
       await run("ssh-keygen", ["-H", "-f", knownHosts]);
       assert.match(Deno.readTextFileSync(knownHosts), /^\|1\|/);
-      const args = [
-        "snapshots",
-        url(join(server.dir, "none")),
-        "-i",
-        server.userKey,
-        "--known-hosts",
-        knownHosts,
-      ];
+      const args = probe(knownHosts);
       assertOneLineError(await nfreezer(args), 1, /No repository/);
     });
+    await t.step(
+      "a connection dropped mid-backup: one line, exit 1; a re-run resumes",
+      async () => {
+        const work = Deno.makeTempDirSync({ prefix: "nfreezer-drop-" });
+        const [source, repo, restored] = ["source", "repo", "restored"].map((name) =>
+          join(work, name)
+        );
+        const count = () => {
+          try {
+            return repoFiles(repo, "data").length;
+          } catch {
+            return 0;
+          }
+        };
+        try {
+          Deno.mkdirSync(source);
+          Deno.writeFileSync(join(source, "big.bin"), randomBytes(96 * MiB));
+          const args = ["backup", source, ...sftp.repo(repo)];
+          const child = new Deno.Command(Deno.execPath(), {
+            args: ["run", "-A", TOOL, ...args],
+            env: { NFREEZER_PASSWORD: "correct horse", HOME, SSH_AUTH_SOCK: "" },
+            stdout: "null",
+            stderr: "piped",
+          }).spawn();
+          while (count() < 4) await new Promise((resolve) => setTimeout(resolve, 10));
+          await server.dropSessions();
+          const { code, stderr } = await child.output();
+          const dropped = { code, stdout: "", stderr: new TextDecoder().decode(stderr) };
+          assertOneLineError(dropped, 1, /nfreezer: error: /);
+          const arrived = count();
+          const rerun = stored(await ok(args));
+          assert.ok(arrived < count(), "the drop came too late to test anything");
+          assert.equal(rerun.chunks, count() - arrived, "chunks that had arrived were sent again");
+          assert.deepEqual(repoFiles(repo, "tmp"), []);
+          await ok(["restore", ...sftp.repo(repo), restored]);
+          assert.deepEqual(treeState(restored), treeState(source));
+        } finally {
+          Deno.removeSync(work, { recursive: true });
+        }
+      },
+    );
     await t.step("refused authentication and an unreachable host: one line, exit 1", async () => {
       const wrongKey = join(server.dir, "other_key");
       const args = ["snapshots", url("/tmp"), "-i", wrongKey, "--known-hosts", server.knownHosts];
