@@ -871,4 +871,6 @@ export async function main(argv: string[]): Promise<number> {
   }
 }
 
+export { chunkId, openRepo, putJson, seal }; // for the tests, which forge hostile snapshots
+
 if (import.meta.main) Deno.exit(await main(Deno.args));

@@ -3,6 +3,8 @@
 import assert from "node:assert/strict";
 import { createHash, randomBytes } from "node:crypto";
 import { join } from "node:path";
+import { gzipSync } from "node:zlib";
+import { chunkId, openRepo, putJson, seal } from "./nfreezer.ts";
 
 const TOOL = new URL("./nfreezer.ts", import.meta.url).pathname;
 const MiB = 2 ** 20;
@@ -311,6 +313,42 @@ Deno.test("backup() reports a file that changes while it is read, and stores no 
     await ok(["restore", join(work, "repo"), join(work, "out")]);
     assert.deepEqual(Object.keys(treeState(join(work, "out"))), ["calm.txt"]);
   } finally {
+    Deno.removeSync(work, { recursive: true });
+  }
+});
+
+Deno.test("restore() refuses manifest paths that would escape the target", async () => {
+  const work = Deno.makeTempDirSync({ prefix: "nfreezer-escape-" });
+  try {
+    Deno.env.set("NFREEZER_PASSWORD", "correct horse");
+    const repo = await openRepo(join(work, "repo"), {}, true);
+    const content = new TextEncoder().encode("pwned\n");
+    const id = await chunkId(repo.keys, content);
+    await repo.store.write(`data/${id}`, await seal(repo.keys, `data/${id}`, content));
+    const file = { type: "file", mode: 0o644, mtime: 0, size: content.length, chunks: [id] };
+    const paths = ["../escaped", "inner/../../escaped", "/tmp/escaped", "ok.txt"];
+    const entries = paths.map((path) => ({ ...file, path }));
+    const manifest = gzipSync(new TextEncoder().encode(JSON.stringify(entries)));
+    const manifestId = await chunkId(repo.keys, new Uint8Array(manifest));
+    await repo.store.write(
+      `data/${manifestId}`,
+      await seal(repo.keys, `data/${manifestId}`, manifest),
+    );
+    const snapshot = {
+      time: new Date().toISOString(),
+      host: "forged",
+      source: "/",
+      files: 4,
+      bytes: 0,
+    };
+    await putJson(repo, "snapshots/00000000000000ff", { ...snapshot, manifest: [manifestId] });
+    repo.store.close();
+    const run = await nfreezer(["restore", join(work, "repo"), join(work, "target", "inside")]);
+    assertOneLineError(run, 3, /unsafe path \.\.\/escaped/);
+    assert.throws(() => Deno.statSync(join(work, "target", "escaped")));
+    assert.throws(() => Deno.statSync(join(work, "escaped")));
+  } finally {
+    Deno.env.delete("NFREEZER_PASSWORD");
     Deno.removeSync(work, { recursive: true });
   }
 });
