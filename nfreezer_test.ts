@@ -485,6 +485,22 @@ Deno.test("SFTP repository against a real sshd", async (t) => {
         );
       },
     );
+    await t.step("~/.ssh/config Host aliases and default keys in ~/.ssh are used", async () => {
+      const ssh = join(HOME, ".ssh");
+      Deno.mkdirSync(ssh, { recursive: true });
+      try {
+        Deno.writeTextFileSync(
+          join(ssh, "config"),
+          `Host other\n  Port 1\nHost nfz-*\n  HostName 127.0.0.1\n  Port ${server.port}\n  User ${user}\n`,
+        );
+        Deno.copyFileSync(server.userKey, join(ssh, "id_ed25519"));
+        const where = `nfz-alias:${join(server.dir, "none")}`;
+        const run = await nfreezer(["snapshots", where, "--known-hosts", server.knownHosts]);
+        assertOneLineError(run, 1, /No repository/); // connected and authenticated, no -i given
+      } finally {
+        Deno.removeSync(ssh, { recursive: true });
+      }
+    });
     await t.step("hashed known_hosts entries are understood", async () => {
       const knownHosts = join(server.dir, "hashed_known_hosts");
       Deno.copyFileSync(server.knownHosts, knownHosts);
