@@ -582,7 +582,6 @@ async function storeFile(path: string, entry: Entry, put: (chunk: Bytes) => Prom
  * are read, and only chunks the repository lacks are stored, IN_FLIGHT at once (§4). */
 async function backup(repo: Repo, source: string, excludes: string[], log: Log) {
   const root = resolve(source);
-  if (!Deno.statSync(root).isDirectory) throw new UserError(`${source} is not a folder`);
   const snapshots = await listSnapshots(repo);
   const parent = snapshots.findLast((item) => item.host === hostname() && item.source === root);
   const previous = new Map<string, Entry>();
@@ -747,7 +746,10 @@ type Options = ReturnType<typeof parseArgs<{ options: typeof OPTIONS }>>["values
 
 /** Reads a line from the terminal without echoing it. */
 async function promptSecret(question: string): Promise<string> {
-  if (!Deno.stdin.isTerminal()) throw new UserError(`No terminal to ask: ${question}`);
+  const what = question.replace(/: $/, "");
+  if (!Deno.stdin.isTerminal()) {
+    throw new UserError(`${what} needed, but no terminal to ask for it`);
+  }
   Deno.stderr.writeSync(utf8(question));
   Deno.stdin.setRaw(true);
   const [bytes, byte] = [[] as number[], new Uint8Array(1)];
@@ -854,6 +856,8 @@ async function runCli(argv: string[]): Promise<void> {
     warn: (text: string) => console.error(`nfreezer: warning: ${text}`),
   };
   const create = ["init", "backup"].includes(name);
+  const source = name === "backup" && Deno.statSync(args[0]); // checked before a repository is made
+  if (source && !source.isDirectory) throw new UserError(`${args[0]} is not a folder`);
   const repo = await openRepo(args[wanted.indexOf("<repo>")], options, create);
   await COMMANDS[name](repo, args, options, log).finally(() => repo.store.close());
 }
