@@ -169,6 +169,7 @@ async function coreScenarios(t: Deno.TestContext, target: Target) {
       }
       child.kill("SIGKILL");
       await child.status;
+      await new Promise((r) => setTimeout(r, 1000)); // a server may finish requests already sent
       const arrived = repoFiles(repo, "data").length - before;
       const snapshots = repoFiles(repo, "snapshots").length;
       const rerun = stored(await ok(["backup", source, ...repoArgs]));
