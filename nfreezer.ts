@@ -250,9 +250,8 @@ async function listSnapshots(repo: Repo, prefix = ""): Promise<Snapshot[]> {
 /** §6: the snapshot named by a unique id prefix, else the newest. */
 async function findSnapshot(repo: Repo, prefix?: string): Promise<Snapshot> {
   const snapshots = await listSnapshots(repo, prefix);
-  if (prefix && snapshots.length !== 1) {
-    throw new UserError(`${snapshots.length} snapshots match ${prefix}`);
-  }
+  const unique = !prefix || snapshots.length === 1;
+  if (!unique) throw new UserError(`${snapshots.length} snapshot ids start with "${prefix}"`);
   return snapshots.at(-1) ?? fail(new UserError("The repository has no snapshots yet"));
 }
 
@@ -704,10 +703,8 @@ async function restore(repo: Repo, target: string, includes: string[], log: Log,
     await lutimes(join(target, entry.path), new Date(entry.mtime), new Date(entry.mtime));
   }
   const message = `${failed.size} of ${entries.length} paths could not be restored (see above)`;
-  if ([...failed.values()].some((error) => error instanceof IntegrityError)) {
-    throw new IntegrityError(message);
-  }
-  if (failed.size) throw new UserError(message);
+  const tampered = [...failed.values()].some((error) => error instanceof IntegrityError);
+  if (failed.size) throw tampered ? new IntegrityError(message) : new UserError(message);
   return { snapshot, entries };
 }
 
@@ -747,9 +744,7 @@ type Options = ReturnType<typeof parseArgs<{ options: typeof OPTIONS }>>["values
 /** Reads a line from the terminal without echoing it. */
 async function promptSecret(question: string): Promise<string> {
   const what = question.replace(/: $/, "");
-  if (!Deno.stdin.isTerminal()) {
-    throw new UserError(`${what} needed, but no terminal to ask for it`);
-  }
+  if (!Deno.stdin.isTerminal()) throw new UserError(`${what} needed, but no terminal to ask`);
   Deno.stderr.writeSync(utf8(question));
   Deno.stdin.setRaw(true);
   const [bytes, byte] = [[] as number[], new Uint8Array(1)];
