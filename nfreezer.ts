@@ -749,7 +749,7 @@ async function promptSecret(question: string): Promise<string> {
   Deno.stdin.setRaw(true);
   const [bytes, byte] = [[] as number[], new Uint8Array(1)];
   try {
-    while (await Deno.stdin.read(byte) && byte[0] !== 13) {
+    while (await Deno.stdin.read(byte) && byte[0] !== 13 && byte[0] !== 10) {
       if (byte[0] === 3) throw new UserError("Interrupted");
       if (byte[0] === 127) bytes.pop();
       else bytes.push(byte[0]);

@@ -16,7 +16,7 @@ type Target = { name: string; repo: (dir: string) => string[] };
 async function nfreezer(args: string[], env: Record<string, string> = {}): Promise<Run> {
   const command = new Deno.Command(Deno.execPath(), {
     args: ["run", "-A", TOOL, ...args],
-    env: { NFREEZER_PASSWORD: "correct horse", HOME: HOME, SSH_AUTH_SOCK: "", ...env },
+    env: { ...CHILD_ENV, ...env },
     stdin: "null",
     stdout: "piped",
     stderr: "piped",
@@ -26,6 +26,10 @@ async function nfreezer(args: string[], env: Record<string, string> = {}): Promi
   return { code, stdout: decode(stdout), stderr: decode(stderr) };
 }
 const HOME = Deno.makeTempDirSync({ prefix: "nfreezer-home-" });
+const DENO_DIR = Deno.env.get("DENO_DIR") ??
+  join(Deno.env.get("HOME") ?? "/root", ".cache", "deno");
+/** What every child gets: the test passphrase, the throwaway HOME, no agent, the same Deno cache. */
+const CHILD_ENV = { NFREEZER_PASSWORD: "correct horse", HOME, SSH_AUTH_SOCK: "", DENO_DIR };
 
 async function ok(args: string[]): Promise<string> {
   const run = await nfreezer(args);
@@ -160,7 +164,7 @@ async function coreScenarios(t: Deno.TestContext, target: Target) {
       const before = repoFiles(repo, "data").length;
       const child = new Deno.Command(Deno.execPath(), {
         args: ["run", "-A", TOOL, "backup", source, ...repoArgs],
-        env: { NFREEZER_PASSWORD: "correct horse", HOME, SSH_AUTH_SOCK: "" },
+        env: CHILD_ENV,
         stdout: "null",
         stderr: "null",
       }).spawn();
@@ -354,6 +358,51 @@ Deno.test("restore() refuses manifest paths that would escape the target", async
   }
 });
 
+/** Runs the tool on a pseudo-terminal (util-linux `script`), answering each prompt once it shows. */
+async function onTerminal(args: string[], answers: string[]): Promise<Run> {
+  const line = ["env", "-u", "NFREEZER_PASSWORD", Deno.execPath(), "run", "-A", TOOL, ...args];
+  const child = new Deno.Command("script", {
+    args: ["-qfec", line.map((word) => `'${word}'`).join(" "), "/dev/null"],
+    env: CHILD_ENV, // env -u below removes the passphrase again
+    stdin: "piped",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const [writer, reader] = [child.stdin.getWriter(), child.stdout.getReader()];
+  let screen = "";
+  for (const answer of answers) {
+    const prompts = screen.split(": ").length;
+    while (screen.split(": ").length === prompts) {
+      screen += new TextDecoder().decode((await reader.read()).value);
+    }
+    await writer.write(new TextEncoder().encode(`${answer}\r`));
+  }
+  for (let chunk = await reader.read(); !chunk.done; chunk = await reader.read()) {
+    screen += new TextDecoder().decode(chunk.value);
+  }
+  await writer.close().catch(() => {});
+  const { code } = await child.status;
+  await child.stderr.cancel();
+  return { code, stdout: screen, stderr: "" };
+}
+
+Deno.test("the passphrase prompt does not echo and asks twice for a new repository", async () => {
+  const work = Deno.makeTempDirSync({ prefix: "nfreezer-prompt-" });
+  try {
+    const created = await onTerminal(["init", join(work, "repo")], ["hunter2", "hunter2"]);
+    assert.equal(created.code, 0, created.stdout);
+    assert.match(created.stdout, /Repository passphrase: .*\s*Repeat it: /s);
+    assert.ok(!created.stdout.includes("hunter2"), `the passphrase was echoed: ${created.stdout}`);
+    const differ = await onTerminal(["init", join(work, "other")], ["hunter2", "hunter3"]);
+    assert.equal(differ.code, 1);
+    assert.match(differ.stdout, /The passphrases differ/);
+    const opened = await onTerminal(["snapshots", join(work, "repo")], ["hunter2"]);
+    assert.equal(opened.code, 0, opened.stdout);
+  } finally {
+    Deno.removeSync(work, { recursive: true });
+  }
+});
+
 Deno.test("the command line: usage errors exit 2, unknown repositories exit 1", async () => {
   assertOneLineError(await nfreezer(["frobnicate"]), 2, /Unknown command/);
   assertOneLineError(await nfreezer(["backup", "/tmp"]), 2, /backup takes <source-dir> <repo>/);
@@ -530,7 +579,7 @@ Deno.test("SFTP repository against a real sshd", async (t) => {
           const args = ["backup", source, ...sftp.repo(repo)];
           const child = new Deno.Command(Deno.execPath(), {
             args: ["run", "-A", TOOL, ...args],
-            env: { NFREEZER_PASSWORD: "correct horse", HOME, SSH_AUTH_SOCK: "" },
+            env: CHILD_ENV,
             stdout: "null",
             stderr: "piped",
           }).spawn();
