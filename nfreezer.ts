@@ -1,39 +1,19 @@
 /**
  * nfreezer.ts: encrypted-at-rest backups to an SFTP server or a local disk, in one auditable file.
  *   deno run -A nfreezer.ts backup ~/Documents user@host:/backups/docs      (--help for more)
- *
- * THREAT MODEL
- * Trusted: this machine, the passphrase, the user's OpenSSH client and its known_hosts.
- * Untrusted: the storage server, anyone who can write to the repository, the network, and what
- *   a restore target already holds.
- * Guaranteed: the server never gets keys, file names, paths, contents, modes or times in clear.
- *   A changed, truncated, swapped, renamed or replayed object fails authentication before any
- *   byte of it reaches a final path: restore reproduces the snapshot or exits 3 naming the paths
- *   it could not verify. No manifest entry lands outside the target; restore never writes,
- *   chmods or sets times through a link it finds there, nor does a local repository's link lead
- *   a write or a delete elsewhere. Memory stays bounded whatever the server holds.
- * Not hidden: the total size, number and padded sizes of objects (Padmé), so the size of each
- *   changed file to within ~12%; when backups run and how much changed. The server can delete
- *   the repository or withhold the newest snapshots, and that is not detected.
- *
- * ON-DISK FORMAT, version 2. The README's Format section has the full text with "to write" and
- * "to read" steps; each § is cited where the code implements it.
- * §1 Layout: config, snapshots/<16 hex>, data/<64 hex>, locks/<16 hex>, tmp/<16 hex>.
- * §2 config: plaintext JSON {format, kdf: {log2N, r, p, salt}, nonce, keys}, bytes in base64;
- *    KEK = scrypt(NFKC(passphrase), salt, 2^log2N, r, p); keys = AES-256-GCM(KEK, nonce,
- *    encKey(32) || idKey(32), aad = CONFIG_AAD).
- * §3 Object named N: "NFZ1" || salt(32) || AES-256-GCM(K, 0^12, u32be(L) || content(L) || 0^pad),
- *    K = HKDF-SHA-256(ikm = encKey, salt, info = "nfreezer/1 object " || N), padded by Padmé.
- * §4 Chunk: a file or manifest is cut into CHUNK_BYTES pieces, each stored as object
- *    data/<hex(HMAC-SHA-256(idKey, piece))>.
- * §5 Manifest: gzipped JSON array of entries {path, type, mode, mtime (ms), size and chunks |
- *    target}, sorted by path, the root "" first; stored as chunks (§4).
- * §6 Snapshot: object snapshots/<random>: JSON {time, host, source, parent, manifest: {size,
- *    chunks}, files, bytes}, written only once every chunk it names is stored.
- * §7 Writes go to tmp/<random>, are synced, then renamed: a name never holds a partial object.
- * §8 Lock: object locks/<random>: JSON {host, pid, exclusive}; backup shares, prune excludes.
- * SSH is the user's own `ssh -s sftp`; ssh2's SFTP class (an internal API of the pinned version
- * below, held by the tests) speaks SFTP over its pipes.
+ * THREAT MODEL. Trusted: this machine, the passphrase, the user's OpenSSH client and known_hosts.
+ * Untrusted: the storage server, anyone who can write to the repository, the network, and what a
+ *   restore target already holds.
+ * Guaranteed: keys, names, paths, contents, modes and times never leave in clear. A changed,
+ *   truncated, swapped, renamed or replayed object fails authentication before a byte of it
+ *   reaches a final path: restore reproduces the snapshot or exits 3 naming what it could not
+ *   verify. Nothing lands outside the target, or through a link found in it or in a local
+ *   repository. Memory stays bounded whatever the server holds.
+ * Not hidden: the total size, number and Padmé-padded sizes of objects (so a changed file's size
+ *   to ~12%), when backups run and how much changed. The server can delete the repository or
+ *   withhold the newest snapshots, undetected.
+ * FORMAT 2: §1 layout, §2 config, §3 objects, §4 chunks, §5 manifest, §6 snapshots, §7 writes,
+ * §8 locks, cited in the code; the README's Format section has each in full, to write and to read.
  */
 
 import { Buffer } from "node:buffer";
@@ -63,12 +43,9 @@ const CHUNK_BYTES = 4 * 2 ** 20; // §4: the unit of dedup, of resume and of mem
 const SMALL_OBJECT_BYTES = 64 * 1024; // §2, §6, §8: a few hundred bytes; larger is refused unread
 const IN_FLIGHT_BYTES = 32 * 2 ** 20; // chunk bytes being sealed, sent or fetched at once
 const IN_FLIGHT_COUNT = 64; // objects at once: hides the ~6 round trips each small one costs
-const RESTORE_WINDOW = 2; // chunks fetched ahead within one restored file
-const PROGRESS_MS = 250; // the progress line is redrawn at most this often
 const LEFTOVER = /^\..+\.nfreezer-[0-9a-f]{8}$/; // a killed restore's temporary file
 
-/** The error a user sees: one line, maybe a hint, and an exit code (1 error, 2 usage, 3 integrity).
- * Any other error is a bug and keeps its stack trace. */
+/** What a user sees: one line, a hint, an exit code (1 error, 2 usage, 3 integrity). */
 class UserError extends Error {
   constructor(message: string, readonly exitCode = 1, readonly hint = "") {
     super(message);
@@ -93,10 +70,9 @@ type Keys = { encKey: CryptoKey; idKey: CryptoKey };
 const subtle = crypto.subtle;
 const utf8 = (text: string): Bytes => new TextEncoder().encode(text);
 const random = (count: number): Bytes => crypto.getRandomValues(new Uint8Array(count));
-const hex = (bytes: ArrayBuffer) => Buffer.from(bytes).toString("hex");
+const hex = (bytes: Uint8Array) => Buffer.from(bytes).toString("hex");
 const base64 = (bytes: Bytes) => Buffer.from(bytes).toString("base64");
-const unbase64 = (text: unknown): Bytes =>
-  new Uint8Array(typeof text === "string" ? Buffer.from(text, "base64") : []);
+const unbase64 = (text: unknown) => new Uint8Array(Buffer.from(String(text), "base64"));
 const gcm = (iv: Bytes, aad = "") => ({ name: "AES-GCM", iv, additionalData: utf8(aad) });
 const ZERO_NONCE = new Uint8Array(NONCE_BYTES); // §3: each object key seals one payload only
 
@@ -128,8 +104,8 @@ async function unlockConfig(bytes: Uint8Array, passphrase: string): Promise<Keys
   const config = parseJson(bytes, "The repository config");
   if (config?.format !== FORMAT) throw new UserError(`Unknown repository format ${config?.format}`);
   const [salt, nonce, wrapped] = [config.kdf?.salt, config.nonce, config.keys].map(unbase64);
-  if (salt.length !== SALT_BYTES || nonce.length !== NONCE_BYTES) throw damaged("The config");
-  if (wrapped.length !== 2 * KEY_BYTES + TAG_BYTES) throw damaged("The repository config");
+  const sizes = [salt.length, nonce.length, wrapped.length - TAG_BYTES].join();
+  if (sizes !== [SALT_BYTES, NONCE_BYTES, 2 * KEY_BYTES].join()) throw damaged("The config");
   const kek = await deriveKek(passphrase, config.kdf, salt);
   const master = await subtle.decrypt(gcm(nonce, CONFIG_AAD), kek, wrapped).catch(() => {
     throw new UserError("Wrong passphrase", 1, "if it is right, the repository config was altered");
@@ -155,7 +131,7 @@ function padme(length: number): number {
 const sealedBytes = (length: number) => HEADER_BYTES + 4 + padme(length) + TAG_BYTES; // §3
 
 /** §3: K = HKDF-SHA-256(ikm = encKey, salt, info = OBJECT_INFO || name). */
-function objectKey(keys: Keys, salt: Bytes, name: string): Promise<CryptoKey> {
+function objectKey(keys: Keys, salt: Uint8Array, name: string): Promise<CryptoKey> {
   const hkdf = { name: "HKDF", hash: "SHA-256", salt, info: utf8(OBJECT_INFO + name) };
   const aes = { name: "AES-GCM", length: 256 };
   return subtle.deriveKey(hkdf, keys.encKey, aes, false, ["encrypt", "decrypt"]);
@@ -169,13 +145,8 @@ async function seal(keys: Keys, name: string, content: Uint8Array): Promise<Byte
   new DataView(payload.buffer).setUint32(0, content.length);
   payload.set(content, 4);
   const salt = random(SALT_BYTES);
-  const key = await objectKey(keys, salt, name);
-  const sealed = new Uint8Array(await subtle.encrypt(gcm(ZERO_NONCE), key, payload));
-  const object = new Uint8Array(HEADER_BYTES + sealed.length);
-  object.set(utf8(MAGIC));
-  object.set(salt, MAGIC.length);
-  object.set(sealed, HEADER_BYTES);
-  return object;
+  const sealed = await subtle.encrypt(gcm(ZERO_NONCE), await objectKey(keys, salt, name), payload);
+  return new Uint8Array(Buffer.concat([utf8(MAGIC), salt, new Uint8Array(sealed)]));
 }
 
 /** §3: opens an object read from name; only authenticated bytes come out. */
@@ -184,41 +155,33 @@ async function unseal(keys: Keys, name: string, object: Bytes): Promise<Bytes> {
   if (magic !== MAGIC || object.length < HEADER_BYTES + 4 + TAG_BYTES) throw damaged(name);
   const key = await objectKey(keys, object.subarray(MAGIC.length, HEADER_BYTES), name);
   const sealed = object.subarray(HEADER_BYTES);
-  const payload = await subtle.decrypt(gcm(ZERO_NONCE), key, sealed).catch(() =>
-    fail(damaged(name))
-  );
-  const length = new DataView(payload).getUint32(0);
-  if (4 + length > payload.byteLength) throw damaged(name);
+  const payload = await subtle.decrypt(gcm(ZERO_NONCE), key, sealed).catch(() => null);
+  const length = payload ? new DataView(payload).getUint32(0) : Infinity;
+  if (!payload || 4 + length > payload.byteLength) throw damaged(name);
   return new Uint8Array(payload, 4, length);
 }
 
 /** §4: id = hex(HMAC-SHA-256(idKey, chunk)): keyed, so the server cannot test for known files. */
 async function chunkId(keys: Keys, chunk: Bytes): Promise<string> {
-  return hex(await subtle.sign("HMAC", keys.idKey, chunk));
+  return hex(new Uint8Array(await subtle.sign("HMAC", keys.idKey, chunk)));
 }
 
 // ---- Repository objects (§4–§8): everything read is checked before it is used ----------------
 
 type Repo = { store: Store; keys: Keys };
 type Content = { size: number; chunks: string[] }; // §4: a file's or a manifest's chunks
-type Entry = { path: string; type: "file" | "dir" | "symlink"; mode: number; mtime: number } & {
-  size?: number;
-  chunks?: string[];
-  target?: string;
-};
+type Meta = { path: string; type: "file" | "dir" | "symlink"; mode: number; mtime: number };
+type Entry = Meta & Partial<Content> & { target?: string }; // §5
 type Snapshot = { id: string; time: string; host: string; source: string; parent?: string } & {
   manifest: Content;
-  files: number;
-  bytes: number;
 };
 const isHex = (text: unknown, length: number) =>
   typeof text === "string" && text.length === length && /^[0-9a-f]*$/.test(text);
 const chunkBytes = (content: Content, index: number) =>
   Math.min(CHUNK_BYTES, content.size - index * CHUNK_BYTES);
-const isContent = (value: Content) =>
-  Number.isSafeInteger(value?.size) && value.size >= 0 && Array.isArray(value.chunks) &&
-  value.chunks.length === Math.ceil(value.size / CHUNK_BYTES) &&
-  value.chunks.every((id) => isHex(id, 64));
+const isContent = ({ size, chunks }: Content) =>
+  Number.isSafeInteger(size) && size >= 0 && Array.isArray(chunks) &&
+  chunks.length === Math.ceil(size / CHUNK_BYTES) && chunks.every((id) => isHex(id, 64));
 const parentOf = (path: string) => path.slice(0, Math.max(0, path.lastIndexOf("/")));
 
 async function putJson(repo: Repo, name: string, value: unknown): Promise<void> {
@@ -237,15 +200,10 @@ async function loadChunk(repo: Repo, id: string, length: number): Promise<Bytes>
   throw damaged(`Chunk ${id}`);
 }
 
-/** §4: the chunks of a file or manifest in order, fetched RESTORE_WINDOW ahead. */
+/** §4: the chunks of a file or manifest in order, each authenticated before it is handed out. */
 async function* chunksOf(repo: Repo, content: Content): AsyncGenerator<Bytes> {
-  const pending: Promise<Bytes>[] = [];
-  for (let next = 0; next < content.chunks.length || pending.length;) {
-    while (next < content.chunks.length && pending.length < RESTORE_WINDOW) {
-      pending.push(loadChunk(repo, content.chunks[next], chunkBytes(content, next++)));
-      pending.at(-1)!.catch(() => {}); // awaited in order below; this only marks it handled
-    }
-    yield await pending.shift()!;
+  for (const [at, id] of content.chunks.entries()) {
+    yield loadChunk(repo, id, chunkBytes(content, at));
   }
 }
 
@@ -253,7 +211,7 @@ async function* chunksOf(repo: Repo, content: Content): AsyncGenerator<Bytes> {
  * folder entry: no entry can land outside the target, under a link, or be written twice. */
 function checkEntries(entries: Entry[], what: string): Entry[] {
   const types = new Map<string, string>();
-  for (const entry of Array.isArray(entries) ? entries : [null as unknown as Entry]) {
+  for (const entry of Array.isArray(entries) ? entries : [{} as Entry]) {
     const { path, type, mode, mtime, target } = entry ?? {};
     const parts = typeof path === "string" ? path.split("/") : [""];
     const named = path === "" || parts.every((part) => !["", ".", ".."].includes(part));
@@ -275,127 +233,87 @@ async function loadManifest(repo: Repo, snapshot: Snapshot): Promise<Entry[]> {
   return checkEntries(parseJson(Buffer.concat(parts), what, true), what);
 }
 
-async function getSnapshot(repo: Repo, id: string): Promise<Snapshot> {
-  const value = await getJson(repo, `snapshots/${id}`);
-  const named = [value?.time, value?.host, value?.source].every((text) => typeof text === "string");
-  return named && isContent(value.manifest) ? { ...value, id } : fail(damaged(`Snapshot ${id}`));
-}
-
-/** §6: every snapshot that opens, oldest first, opened a few at a time; a damaged one is named
- * and counted (the command then exits 3) but does not stop the others. */
+/** §6: the snapshots that open, oldest first, 32 at a time; a damaged one is named, not fatal. */
 async function listSnapshots(repo: Repo, ui: Ui) {
-  const [snapshots, opening] = [[] as Snapshot[], limiter(Infinity, 8)];
-  let damagedCount = 0;
-  for (const id of (await repo.store.list("snapshots")).filter((id) => isHex(id, 16))) {
-    await opening.add(
-      0,
-      () =>
-        getSnapshot(repo, id).then((snapshot) => void snapshots.push(snapshot), (error) => {
-          ui.damaged(error, `skipped snapshot ${id}`);
-          damagedCount++;
-        }),
-    );
+  const ids = (await repo.store.list("snapshots")).filter((id) => isHex(id, 16));
+  const open = async (id: string) => {
+    const value = await getJson(repo, `snapshots/${id}`);
+    const named = ["time", "host", "source"].every((key) => typeof value?.[key] === "string");
+    return named && isContent(value.manifest) ? { ...value, id } : fail(damaged(`Snapshot ${id}`));
+  };
+  const tryOpen = (id: string) => open(id).catch((error) => ui.damaged(error, "skipped"));
+  const snapshots: (Snapshot | undefined)[] = [];
+  for (let at = 0; at < ids.length; at += 32) {
+    snapshots.push(...await Promise.all(ids.slice(at, at + 32).map(tryOpen)));
   }
-  await opening.drain();
-  snapshots.sort((a, b) => a.time.localeCompare(b.time));
-  return { snapshots, damaged: damagedCount };
+  const opened = snapshots.filter((item) => item !== undefined);
+  opened.sort((a, b) => a.time.localeCompare(b.time));
+  return { snapshots: opened, damaged: ids.length - opened.length };
 }
 
 /** §6: the snapshot named by a unique id prefix, else the newest. */
 async function findSnapshot(repo: Repo, ui: Ui, prefix = ""): Promise<Snapshot> {
   const { snapshots, damaged } = await listSnapshots(repo, ui);
   const matches = snapshots.filter((snapshot) => snapshot.id.startsWith(prefix));
-  if (prefix && matches.length > 1) {
-    throw new UserError(`${matches.length} ids start with ${prefix}`);
-  }
-  return matches.at(-1) ??
-    fail(new UserError(prefix ? `No snapshot ${prefix}` : "No snapshots", damaged ? 3 : 1));
+  if (prefix && matches.length > 1) throw new UserError(`${matches.length} ids start ${prefix}`);
+  const none = new UserError(prefix ? `No snapshot ${prefix}` : "No snapshots", damaged ? 3 : 1);
+  return matches.at(-1) ?? fail(none);
 }
 
-/** §8: runs work holding a lock, shared (backup) or exclusive (prune). The lock is written before
- * the others are read, so of two runs that race, at least one sees the other. A lock of this host
- * whose process is gone is stale and removed; with no other lock left, tmp/ is emptied (§7). */
-async function withLock<T>(repo: Repo, ui: Ui, exclusive: boolean, work: () => Promise<T>) {
-  const alive = (pid: number) => {
-    try {
-      return process.kill(pid, 0);
-    } catch (error) {
-      return (error as Untyped).code !== "ESRCH";
-    }
-  };
-  const own = hex(random(8).buffer);
-  await putJson(repo, `locks/${own}`, { host: hostname(), pid: Deno.pid, exclusive });
+/** §8: runs a backup holding a lock. A lock of this host whose process is gone is stale and
+ * removed; with no other lock left, no other run can be writing, and tmp/ is emptied (§7). */
+async function withLock<T>(repo: Repo, ui: Ui, work: () => Promise<T>) {
+  const own = hex(random(8));
+  await putJson(repo, `locks/${own}`, { host: hostname(), pid: Deno.pid });
   try {
-    const others = [];
+    let others = 0;
     for (const id of (await repo.store.list("locks")).filter((id) => isHex(id, 16) && id !== own)) {
       const lock = await getJson(repo, `locks/${id}`).catch((error) => ui.damaged(error, "a lock"));
-      if (lock?.host === hostname() && !alive(lock.pid)) await repo.store.remove(`locks/${id}`);
-      else others.push({ id, ...lock });
+      if (lock?.host === hostname() && gone(lock.pid)) await repo.store.remove(`locks/${id}`);
+      else others++;
     }
-    const blocker = others.find((lock) => exclusive || lock.exclusive !== false);
-    const holder = `${blocker?.host ?? "an unreadable lock"} (process ${blocker?.pid})`;
-    const hint = `if no nfreezer runs there, delete locks/${blocker?.id} in the repository`;
-    if (blocker) throw new UserError(`The repository is in use by ${holder}`, 1, hint);
-    for (const name of others.length ? [] : await repo.store.list("tmp")) {
-      if (isHex(name, 16)) await repo.store.remove(`tmp/${name}`); // only names we write
-    }
+    const leftovers = others ? [] : await repo.store.list("tmp"); // §7: of runs that were killed
+    for (const id of leftovers.filter((id) => isHex(id, 16))) await repo.store.remove(`tmp/${id}`);
     return await work();
   } finally {
     await repo.store.remove(`locks/${own}`).catch(() => {});
   }
 }
 
-/** Runs tasks with at most maxBytes of data and maxCount tasks at once: add() waits for room,
- * drain() for the rest; the first failure is rethrown by both, and no new task starts after it. */
+function gone(pid: number): boolean {
+  try {
+    return !process.kill(pid, 0);
+  } catch (error) {
+    return (error as Untyped).code === "ESRCH"; // EPERM: alive, another user's
+  }
+}
+
+/** At most maxBytes and maxCount tasks at once; add() and drain() rethrow the first failure. */
 function limiter(maxBytes: number, maxCount: number) {
   const running = new Set<Promise<void>>();
-  let [bytes, failure] = [0, null as unknown];
-  const settle = () => failure && fail(failure as Error);
+  let [bytes, failure] = [0, null as Error | null];
   async function add(size: number, task: () => Promise<unknown>) {
     while (running.size && (running.size >= maxCount || bytes + size > maxBytes)) {
       await Promise.race(running);
     }
-    settle();
+    if (failure) throw failure;
     bytes += size;
-    const promise: Promise<void> = task()
-      .then(() => {}, (error) => void (failure ??= error))
+    const promise: Promise<void> = task().then(() => {}, (error) => void (failure ??= error))
       .finally(() => (bytes -= size, running.delete(promise)));
     running.add(promise);
   }
-  const drain = async () => (await Promise.all(running), settle());
-  return { add, drain };
+  return { add, drain: async () => (await Promise.all(running), failure && fail(failure)) };
 }
 
 // ---- Storage (§1, §7): one interface; an SFTP server or a local folder behind it --------------
 
-interface Store {
-  read(name: string, size?: number): Promise<Bytes>; // size known, else small (§2, §6, §8)
-  write(name: string, object: Uint8Array): Promise<void>; // §7: to tmp/, then renamed
-  exists(name: string): Promise<boolean>;
-  list(folder: string): Promise<string[]>; // [] if the folder does not exist
-  remove(name: string): Promise<void>;
-  prepare(create: boolean): Promise<void>; // §1: the root and its folders are real folders
-  close(): void;
-}
+type Store = ReturnType<typeof makeStore>;
 // deno-lint-ignore no-explicit-any
 type Untyped = any; // ssh2's SFTP objects (npm:ssh2 ships no types) and node:fs callbacks
 const FOLDERS = ["snapshots", "data", "locks", "tmp"]; // §1
 const isMissing = (error: Untyped) => ["ENOENT", "ENOTDIR", 2].includes(error?.code); // 2: SFTP's
 
-async function writeAll(file: Deno.FsFile, bytes: Uint8Array): Promise<void> {
-  for (let done = 0; done < bytes.length;) done += await file.write(bytes.subarray(done));
-}
-
-async function readFull(file: Deno.FsFile, buffer: Uint8Array): Promise<number> {
-  let done = 0;
-  for (let count: number | null = 0; count !== null && done < buffer.length; done += count ?? 0) {
-    count = await file.read(buffer.subarray(done));
-  }
-  return done;
-}
-
-/** Promise form of a callback call (ssh2 SFTP or node:fs); failures become one-line UserErrors
- * that keep the library's code. `files.lost` fails the calls pending when SSH is gone. */
+/** A callback call (ssh2 SFTP or node:fs) as a promise that fails with a one-line UserError. */
 function call<T>(files: Untyped, method: string, ...args: unknown[]): Promise<T> {
   const request = new Promise<T>((done, reject) =>
     files[method](...args, (error: Untyped, result: T) => {
@@ -408,48 +326,37 @@ function call<T>(files: Untyped, method: string, ...args: unknown[]): Promise<T>
   return files.lost ? Promise.race([request, files.lost]) : request;
 }
 
-/** A Store on ssh2's SFTP calls. node:fs has the same callback API, so a local folder runs this
- * same code through LOCAL_FILES. One object costs lstat, open, write, fsync, close and rename;
- * each write call is sent in offset order (ssh2 sends a piece once the last one is answered). */
-function makeStore(files: Untyped, root: string, close = () => {}): Store {
+/** A Store on ssh2's SFTP calls, or node:fs's (the same API) for a local folder. ssh2 sends the
+ * pieces of a read or write in order, as any SFTP server accepts; many objects hide round trips. */
+function makeStore(files: Untyped, root: string, close = () => {}) {
   const path = (name: string) => name ? `${root}/${name}` : root;
   const offers = (extension: string) => !files._extensions || extension in files._extensions;
-  const rename = offers("posix-rename@openssh.com") ? "ext_openssh_rename" : "rename";
-  const piece = files._maxReadLen ?? CHUNK_BYTES; // limits@openssh.com, else 32 KiB
-  const lstat = (where: string, method = "lstat") =>
-    call<Untyped>(files, method, where).catch((error) =>
-      isMissing(error.error) ? null : fail(error)
-    );
+  const orNull = (error: Untyped) => isMissing(error.error) ? null : fail(error);
+  const stat = (name: string, how = "lstat") => call<Untyped>(files, how, path(name)).catch(orNull);
   async function read(name: string, size?: number) {
     const handle = await call(files, "open", path(name), "r", {});
     try {
       const length = size ?? (await call<Untyped>(files, "fstat", handle)).size;
       if (size === undefined && length > SMALL_OBJECT_BYTES) throw new Error("it is too large");
       const buffer = Buffer.alloc(length);
-      const reads = [];
-      for (let at = 0; at < length; at += piece) {
-        reads.push(
-          call<number>(files, "read", handle, buffer, at, Math.min(piece, length - at), at),
-        );
-      }
-      const counts = await Promise.all(reads);
-      if (counts.reduce((sum, count) => sum + count, 0) !== length) throw new Error("it is short");
+      const count = await call(files, "read", handle, buffer, 0, length, 0); // in pieces
+      if (count !== length) throw new Error("it is too short");
       return new Uint8Array(buffer.buffer, buffer.byteOffset, length); // its own, unpooled buffer
     } finally {
       call(files, "close", handle).catch(() => {}); // not waited for: one round trip less
     }
   }
   return {
-    read: (name, size) =>
+    /** The whole object, of the size given (else its own, SMALL_OBJECT_BYTES at most). */
+    read: (name: string, size?: number): Promise<Bytes> =>
       read(name, size).catch((error) => {
         if (files.gone) throw error; // the connection failed, not the repository
-        const why = isMissing(error.error)
-          ? "is missing"
-          : `is unreadable: ${error.reason ?? error.message}`;
-        throw new UserError(`${name} ${why}`, 3);
+        const reason = isMissing(error.error) ? "it is missing" : error.reason ?? error.message;
+        throw new UserError(`Cannot read ${name}: ${reason}`, 3);
       }),
-    async write(name, object) {
-      const temporary = path(`tmp/${hex(random(8).buffer)}`);
+    /** §7: to tmp/, synced, then renamed: a name never holds a partial object. */
+    async write(name: string, object: Uint8Array) {
+      const temporary = path(`tmp/${hex(random(8))}`);
       const handle = await call(files, "open", temporary, "wx", { mode: 0o600 });
       const data = Buffer.from(object.buffer, object.byteOffset, object.length);
       try {
@@ -459,22 +366,20 @@ function makeStore(files: Untyped, root: string, close = () => {}): Store {
       } finally {
         await call(files, "close", handle);
       }
+      const rename = offers("posix-rename@openssh.com") ? "ext_openssh_rename" : "rename";
       await call(files, rename, temporary, path(name)); // atomic; an older copy is replaced
     },
-    exists: async (name) => (await lstat(path(name))) !== null,
-    list: (folder) =>
-      call<Untyped[]>(files, "readdir", path(folder)).then(
-        (items) => items.map((item) => item.filename),
-        (error) => isMissing(error.error) ? [] : fail(error),
-      ),
-    remove: (name) => call(files, "unlink", path(name)),
-    async prepare(create) {
+    exists: async (name: string) => (await stat(name)) !== null,
+    list: async (folder: string): Promise<string[]> =>
+      ((await call<Untyped[]>(files, "readdir", path(folder)).catch(orNull)) ?? []) // if none
+        .map((item) => item.filename),
+    remove: (name: string) => call(files, "unlink", path(name)),
+    /** §1: the root and its folders are real folders, made if `create`. */
+    async prepare(create: boolean) {
       for (const folder of ["", ...FOLDERS]) { // a link could lead writes and deletes elsewhere
-        const info = await lstat(path(folder), folder ? "lstat" : "stat");
+        const info = await stat(folder, folder ? "lstat" : "stat");
         if (!info && create) await call(files, "mkdir", path(folder), { mode: 0o700 });
-        else if (!info?.isDirectory()) {
-          throw new UserError(`${path(folder)} is not a folder`, folder ? 3 : 1);
-        }
+        else if (!info?.isDirectory()) throw new UserError(`${path(folder)} is not a folder`, 3);
       }
     },
     close,
@@ -483,16 +388,10 @@ function makeStore(files: Untyped, root: string, close = () => {}): Store {
 const { O_RDONLY, O_WRONLY, O_CREAT, O_EXCL, O_NOFOLLOW, O_NONBLOCK } = fs.constants;
 const LOCAL_FILES = {
   ...fs,
-  /** Follows no link, waits on no FIFO, and opens nothing but a regular file. */
+  /** Follows no link and waits on no FIFO; what is not a regular file reads short or fails. */
   open(path: string, flags: string, attrs: { mode?: number }, done: Untyped) {
     const mode = (flags === "r" ? O_RDONLY : O_WRONLY | O_CREAT | O_EXCL) | O_NOFOLLOW | O_NONBLOCK;
-    fs.open(path, mode, attrs.mode ?? 0o600, (error, fd) => {
-      if (error) return done(error);
-      fs.fstat(fd, (error, info) => {
-        if (!error && info.isFile()) return done(null, fd);
-        fs.close(fd, () => done(error ?? new Error("it is not a regular file")));
-      });
-    });
+    fs.open(path, mode, attrs.mode ?? 0o600, done);
   },
   readdir: (path: string, done: Untyped) =>
     fs.readdir(path, (error, names) => done(error, names?.map((filename) => ({ filename })))),
@@ -500,11 +399,10 @@ const LOCAL_FILES = {
   ext_openssh_fsync: fs.fsync,
 };
 
-/** Starts the user's own `ssh ... -s -- DESTINATION sftp` and speaks SFTP over its pipes with
- * ssh2's SFTP class, through the two calls it makes of an SSH channel. OpenSSH checks the host
- * key and authenticates; an unknown host is refused unless --accept-new-host, whatever
- * ssh_config says (options given on ssh's command line win). `--` keeps a location from
- * becoming an ssh option. A dead link fails within a minute (ServerAlive*). */
+/** Runs the user's own `ssh ... -s -- DESTINATION sftp` (OpenSSH checks host keys, authenticates)
+ * and speaks SFTP over its pipes with ssh2's SFTP class (internal API of the pinned version,
+ * held by the tests). Options on ssh's command line win over ssh_config: an unknown host is
+ * refused unless --accept-new-host. `--` keeps a location from becoming an ssh option. */
 async function connectSsh(destination: string, port: string, options: Options) {
   const [program, ...words] = (Deno.env.get("NFREEZER_SSH") || "ssh").trim().split(/\s+/);
   const args = [...words, "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=3"];
@@ -513,14 +411,7 @@ async function connectSsh(destination: string, port: string, options: Options) {
   if (options["known-hosts"]) args.push("-o", `UserKnownHostsFile=${options["known-hosts"]}`);
   if (port) args.push("-p", port);
   args.push("-s", "--", destination, "sftp");
-  const command = new Deno.Command(program, { args, stdin: "piped", stdout: "piped" });
-  const child = (() => {
-    try {
-      return command.spawn();
-    } catch (error) {
-      throw new UserError(`Cannot run ${program}: ${(error as Error).message}`);
-    }
-  })();
+  const child = new Deno.Command(program, { args, stdin: "piped", stdout: "piped" }).spawn();
   const writer = child.stdin.getWriter();
   const protocol = {
     channelData: (_id: number, data: Uint8Array) => void writer.write(data).catch(() => {}),
@@ -534,27 +425,11 @@ async function connectSsh(destination: string, port: string, options: Options) {
     throw new UserError(`The SSH connection to ${destination} ended (ssh exit code ${code})`);
   });
   sftp.lost.catch(() => {}); // it only matters to calls still pending when it fails
-  (async () => {
-    for await (const data of child.stdout) {
-      sftp.push(Buffer.from(data.buffer, data.byteOffset, data.length));
-    }
-  })().catch(() => {}).finally(() => {
-    sftp.gone = true;
-    sftp.push(null); // fails every request still pending
-  });
+  child.stdout.pipeTo(new WritableStream({ write: (data) => sftp.push(Buffer.from(data)) }))
+    .catch(() => {}).finally(() => (sftp.gone = true, sftp.push(null))); // fails what is pending
   sftp._init();
   await Promise.race([new Promise((ready) => sftp.once("ready", ready)), sftp.lost]);
   return sftp;
-}
-
-/** A Store for user@host:path, sftp://user@host[:port]/path or a local path. */
-async function openStore(location: string, options: Options): Promise<Store> {
-  const url = /^sftp:\/\/([^/:]+)(?::(\d+))?(\/.*)$/.exec(location);
-  const scp = /^([^/:]+):(.*)$/.exec(location); // as scp: a local "a:b" is written ./a:b
-  if (!url && !scp) return makeStore(LOCAL_FILES, resolve(location));
-  const [destination, port, path] = url ? url.slice(1) : [scp![1], "", scp![2] || "."];
-  const sftp = await connectSsh(destination, port, options);
-  return makeStore(sftp, path.replace(/^~\//, ""), () => sftp.end());
 }
 
 // ---- Backup -----------------------------------------------------------------------------------
@@ -572,21 +447,15 @@ function scanTree(root: string, excludes: string[], ui: Ui): Entry[] {
     try {
       const info = Deno.lstatSync(join(root, path));
       const entry = { path, mode: info.mode! & 0o7777, mtime: info.mtime!.getTime() };
+      const target = info.isSymlink ? Deno.readLinkSync(join(root, path)) : undefined;
       if (info.isFile) return entries.push({ ...entry, type: "file", size: info.size });
-      if (info.isSymlink) {
-        return entries.push({
-          ...entry,
-          type: "symlink",
-          target: Deno.readLinkSync(join(root, path)),
-        });
-      }
+      if (target !== undefined) return entries.push({ ...entry, type: "symlink", target });
       if (!info.isDirectory) return ui.warn(`skipped ${path}: not a file, folder or symlink`);
       entries.push({ ...entry, type: "dir" });
       for (const { name } of Deno.readDirSync(join(root, path))) {
         const child = path ? `${path}/${name}` : name;
-        if (!excludes.some((glob) => matchesGlob(child, glob) || matchesGlob(name, glob))) {
-          visit(child);
-        }
+        const matches = (glob: string) => matchesGlob(child, glob) || matchesGlob(name, glob);
+        if (!excludes.some(matches)) visit(child);
       }
     } catch (error) {
       if (!isFsError(error)) throw error;
@@ -605,47 +474,35 @@ async function storeFile(path: string, entry: Entry, put: (chunk: Bytes) => Prom
     const chunks: string[] = [];
     for (let offset = 0; offset < size; offset += CHUNK_BYTES) {
       const chunk = new Uint8Array(Math.min(CHUNK_BYTES, size - offset));
-      await readFull(file, chunk);
+      let done = 0; // at the end of the file (it shrank: the stat below notices) the rest stays 0
+      while (done < chunk.length) done += await file.read(chunk.subarray(done)) ?? chunk.length;
       chunks.push(await put(chunk));
     }
     const after = await file.stat();
-    if (after.size === size && after.mtime!.getTime() === mtime!.getTime()) {
-      return { ...entry, size, mtime: mtime!.getTime(), chunks };
-    }
+    const same = after.size === size && after.mtime!.getTime() === mtime!.getTime();
+    if (same) return { ...entry, size, mtime: mtime!.getTime(), chunks };
   }
   return null;
 }
 
-/** Adds a snapshot of root. Only files whose size or mtime differ from the parent snapshot's are
- * read (all with --full), and only chunks the repository lacks are sent, many at once (§4). */
+/** Adds a snapshot of root: reads only files whose size or mtime changed, sends only new chunks. */
 async function backup(repo: Repo, root: string, options: Options, ui: Ui) {
   const started = Date.now();
   const { snapshots } = await listSnapshots(repo, ui); // only the parent must open
   const parent = snapshots.findLast((item) => item.host === hostname() && item.source === root);
-  const previous = new Map<string, Entry>();
-  for (const entry of parent ? await loadManifest(repo, parent) : []) {
-    previous.set(entry.path, entry);
-  }
-  const trusted = options.full ? [] : [...previous.values()]; // --full asks about every chunk
-  const known = new Set(trusted.flatMap((entry) => entry.chunks ?? []));
+  const before = parent ? await loadManifest(repo, parent) : [];
+  const previous = new Map(before.map((entry) => [entry.path, entry]));
+  const known = new Set(before.flatMap((entry) => entry.chunks ?? [])); // §4: stored already
   const uploads = limiter(IN_FLIGHT_BYTES, IN_FLIGHT_COUNT);
-  const done = { files: 0, bytes: 0, read: 0, sent: 0, chunks: 0 };
-  const counts = { new: 0, changed: 0, unchanged: 0 };
+  const done = { read: 0, sent: 0, chunks: 0, new: 0, changed: 0, same: 0 };
   const entries = scanTree(root, options.exclude ?? [], ui);
-  const files = entries.filter((entry) => entry.type === "file");
-  const total = files.reduce((sum, entry) => sum + entry.size!, 0);
-  const progress = () =>
-    `${done.files}/${files.length} files, ${mib(done.bytes)} of ${mib(total)}, ${
-      mib(done.sent)
-    } sent`;
+  const total = entries.reduce((sum, entry) => sum + (entry.size ?? 0), 0);
   const put = async (chunk: Bytes) => {
     const id = await chunkId(repo.keys, chunk);
-    done.bytes += chunk.length;
-    ui.progress(progress);
     if (known.has(id)) return id;
     known.add(id);
     await uploads.add(chunk.length, async () => {
-      if (await repo.store.exists(`data/${id}`)) return; // sent by an interrupted run or another host
+      if (await repo.store.exists(`data/${id}`)) return; // sent by an interrupted run, another host
       await repo.store.write(`data/${id}`, await seal(repo.keys, `data/${id}`, chunk));
       done.sent += chunk.length;
       done.chunks++;
@@ -657,10 +514,8 @@ async function backup(repo: Repo, root: string, options: Options, ui: Ui) {
     const old = previous.get(entry.path);
     const same = old?.chunks && old.size === entry.size && old.mtime === entry.mtime;
     if (entry.type !== "file") kept.push(entry);
-    else if (same && !options.full) {
-      kept.push({ ...entry, chunks: old.chunks });
-      done.bytes += entry.size!;
-    } else {
+    else if (same) kept.push({ ...entry, chunks: old.chunks });
+    else {
       const stored = await storeFile(join(root, entry.path), entry, put).catch((error) =>
         isFsError(error) ? ui.problem(`cannot read ${entry.path}: ${error.message}`) : fail(error)
       );
@@ -668,11 +523,7 @@ async function backup(repo: Repo, root: string, options: Options, ui: Ui) {
       done.read += stored?.size ?? 0;
       if (stored) kept.push(stored);
     }
-    if (entry.type === "file") {
-      counts[same ? "unchanged" : old?.type === "file" ? "changed" : "new"]++;
-    }
-    done.files += entry.type === "file" ? 1 : 0;
-    ui.progress(progress);
+    if (entry.type === "file") done[same ? "same" : old?.chunks ? "changed" : "new"]++;
   }
   const packed = gzipSync(utf8(JSON.stringify(kept)));
   const manifest = { size: packed.length, chunks: [] as string[] };
@@ -680,58 +531,35 @@ async function backup(repo: Repo, root: string, options: Options, ui: Ui) {
     manifest.chunks.push(await put(new Uint8Array(packed.subarray(offset, offset + CHUNK_BYTES))));
   }
   await uploads.drain(); // §6: every chunk is stored before a snapshot can refer to it
-  const id = hex(random(8).buffer);
-  const [time, bytes] = [new Date().toISOString(), total];
-  const snapshot = { time, host: hostname(), source: root, parent: parent?.id, manifest, bytes };
-  await putJson(repo, `snapshots/${id}`, { ...snapshot, files: kept.length });
-  const oldFiles = [...previous.values()].filter((entry) => entry.type === "file").length;
-  const removed = oldFiles - counts.changed - counts.unchanged;
-  const changes = `${counts.new} new, ${counts.changed} changed, ${counts.unchanged} unchanged`;
-  const traffic = `${mib(done.read)} read, ${mib(done.sent)} sent in ${done.chunks} new chunks`;
-  ui.info(`Snapshot ${id}: ${changes}, ${removed} removed files; ${traffic}; ${since(started)}`);
+  const [id, time] = [hex(random(8)), new Date().toISOString()];
+  const snapshot = { time, host: hostname(), source: root, parent: parent?.id, manifest };
+  await putJson(repo, `snapshots/${id}`, { ...snapshot, files: kept.length, bytes: total });
+  const removed = before.filter((old) => old.chunks).length - done.changed - done.same;
+  const changes = `${done.new} new, ${done.changed} changed, ${done.same} unchanged`;
+  const sent = `${mib(done.read)} read, ${mib(done.sent)} sent in ${done.chunks} new chunks`;
+  ui.info(`Snapshot ${id}: ${changes}, ${removed} removed files; ${sent}; ${since(started)}`);
 }
 
 // ---- Restore ----------------------------------------------------------------------------------
 
-/** True if path already is a regular file (not a link) whose chunks have the entry's ids. */
-async function sameContent(keys: Keys, path: string, entry: Entry): Promise<boolean> {
+/** §4: verified chunks go to a new temporary file, renamed over path once whole (a link there is
+ * replaced, not followed); a regular file there with the entry's chunks is kept. */
+async function restoreFile(repo: Repo, path: string, temporary: string, entry: Entry) {
   const info = await Deno.lstat(path).catch(() => null);
-  if (!info?.isFile || info.size !== entry.size) return false;
-  using file = await Deno.open(path);
-  for (const [index, id] of entry.chunks!.entries()) {
-    const chunk = new Uint8Array(chunkBytes(entry as Content, index));
-    if (await readFull(file, chunk) < chunk.length || await chunkId(keys, chunk) !== id) {
-      return false;
+  const hash = (chunk: Bytes) => chunkId(repo.keys, chunk);
+  const found = info?.isFile && info.size === entry.size && await storeFile(path, entry, hash);
+  const same = found && found.chunks.join() === entry.chunks!.join();
+  if (!same) {
+    using file = await Deno.open(temporary, { write: true, createNew: true, mode: 0o600 });
+    for await (const chunk of chunksOf(repo, entry as Content)) {
+      for (let done = 0; done < chunk.length;) done += await file.write(chunk.subarray(done));
     }
   }
-  return true;
-}
-
-/** §4: verified chunks go to a new temporary file, which gets its mode and time and is then
- * renamed over path: a link found there is replaced, never followed. */
-async function restoreFile(repo: Repo, path: string, temporary: string, entry: Entry) {
-  const time = new Date(entry.mtime);
-  if (await sameContent(repo.keys, path, entry)) {
-    await Deno.chmod(path, entry.mode);
-    return await Deno.utime(path, time, time);
-  }
-  using file = await Deno.open(temporary, { write: true, createNew: true, mode: 0o600 });
-  for await (const chunk of chunksOf(repo, entry as Content)) await writeAll(file, chunk);
-  await file.utime(time, time);
-  await Deno.chmod(temporary, entry.mode);
-  await Deno.rename(temporary, path);
-  return entry.size;
-}
-
-/** Makes path a real folder (a file or link there is removed, never followed) and removes the
- * temporary files a killed restore left in it. */
-async function restoreFolder(path: string) {
-  const info = await Deno.lstat(path).catch(() => null);
-  if (info && !info.isDirectory) await Deno.remove(path);
-  if (!info?.isDirectory) await Deno.mkdir(path, { mode: 0o700 });
-  for (const item of Deno.readDirSync(path)) {
-    if (LEFTOVER.test(item.name) && !item.isDirectory) await Deno.remove(join(path, item.name));
-  }
+  const [written, time] = [same ? path : temporary, new Date(entry.mtime)];
+  await Deno.chmod(written, entry.mode);
+  await Deno.utime(written, time, time);
+  if (!same) await Deno.rename(temporary, path);
+  return same ? undefined : entry.size;
 }
 
 /** Restores into target in path order: folders, then files (many at once), then links, then the
@@ -739,14 +567,7 @@ async function restoreFolder(path: string) {
 async function restore(repo: Repo, target: string, options: Options, ui: Ui) {
   const started = Date.now();
   const snapshot = await findSnapshot(repo, ui, options.snapshot);
-  const includes = (options.include ?? []).map((path) => path.replace(/\/+$/, ""));
-  const under = (path: string, folder: string) =>
-    !folder || path === folder || path.startsWith(`${folder}/`);
-  const wanted = (path: string) =>
-    !includes.length || includes.some((item) => under(path, item) || under(item, path));
-  const entries = (await loadManifest(repo, snapshot)).filter((entry) => wanted(entry.path));
-  const absent = includes.find((item) => !entries.some((entry) => entry.path === item));
-  if (absent !== undefined) throw new UserError(`${absent} is not in snapshot ${snapshot.id}`);
+  const entries = await loadManifest(repo, snapshot);
   if (!(await Deno.stat(target).catch(() => null))?.isDirectory) {
     await Deno.mkdir(target, { recursive: true }); // fails on a file: one error, up front
   }
@@ -754,8 +575,8 @@ async function restore(repo: Repo, target: string, options: Options, ui: Ui) {
   const [failed, done] = [new Set<string>(), { written: 0, bytes: 0, same: 0 }];
   const attempt = async (entry: Entry, work: (path: string, temporary: string) => unknown) => {
     const path = join(root, entry.path);
-    const temporary = join(dirname(path), `.${basename(path)}.nfreezer-${hex(random(4).buffer)}`);
-    if (entry.path && failed.has(parentOf(entry.path))) return failed.add(entry.path);
+    const temporary = join(dirname(path), `.${basename(path)}.nfreezer-${hex(random(4))}`);
+    if (failed.has(entry.path) || failed.has(parentOf(entry.path))) return failed.add(entry.path);
     try {
       await work(path, temporary);
     } catch (error) {
@@ -766,206 +587,93 @@ async function restore(repo: Repo, target: string, options: Options, ui: Ui) {
       ui.problem(`cannot restore ${entry.path || "."}: ${error.message}`, code);
     }
   };
-  const ofType = (type: string) => entries.filter((entry) => entry.type === type);
-  const files = ofType("file");
-  const progress = () => `${done.written + done.same}/${files.length} files, ${mib(done.bytes)}`;
-  for (const entry of ofType("dir")) await attempt(entry, restoreFolder);
+  const file = (entry: Entry) => async (path: string, temporary: string) => {
+    const written = await restoreFile(repo, path, temporary, entry);
+    done[written === undefined ? "same" : "written"]++;
+    done.bytes += written ?? 0;
+  };
+  const link = (entry: Entry) => async (path: string, temporary: string) => {
+    await Deno.symlink(entry.target!, temporary);
+    await lutimes(temporary, new Date(entry.mtime), new Date(entry.mtime));
+    await Deno.rename(temporary, path); // replaces what is there, never follows it
+  };
   const restoring = limiter(IN_FLIGHT_BYTES, IN_FLIGHT_COUNT);
-  for (const entry of files) {
-    await restoring.add(
-      Math.min(entry.size!, RESTORE_WINDOW * CHUNK_BYTES),
-      () =>
-        attempt(entry, async (path, temporary) => {
-          const written = await restoreFile(repo, path, temporary, entry);
-          done[written === undefined ? "same" : "written"]++;
-          done.bytes += written ?? 0;
-          ui.progress(progress);
-        }),
-    );
+  const folder = async (path: string) => { // a real folder: a file or link there is replaced
+    const info = await Deno.lstat(path).catch(() => null);
+    if (info && !info.isDirectory) await Deno.remove(path);
+    if (!info?.isDirectory) await Deno.mkdir(path, { mode: 0o700 });
+    for (const item of Deno.readDirSync(path)) { // what a killed restore left
+      if (LEFTOVER.test(item.name) && !item.isDirectory) await Deno.remove(join(path, item.name));
+    }
+  };
+  for (const entry of entries) { // in path order: a folder is made before what it holds
+    const size = Math.min(entry.size ?? 0, CHUNK_BYTES); // a file holds one chunk at a time
+    if (entry.type === "file") await restoring.add(size, () => attempt(entry, file(entry)));
+    else await attempt(entry, entry.type === "dir" ? folder : link(entry));
   }
   await restoring.drain();
-  for (const entry of ofType("symlink")) {
-    await attempt(entry, async (path, temporary) => {
-      await Deno.symlink(entry.target!, temporary);
-      await lutimes(temporary, new Date(entry.mtime), new Date(entry.mtime));
-      await Deno.rename(temporary, path);
-    });
-  }
-  for (const entry of ofType("dir").toReversed().filter((entry) => !failed.has(entry.path))) {
+  for (const entry of entries.toReversed().filter((entry) => entry.type === "dir")) {
     await attempt(entry, async (path) => {
       if (!(await Deno.lstat(path)).isDirectory) throw new UserError("it is no longer a folder");
       await Deno.chmod(path, entry.mode);
       await Deno.utime(path, new Date(entry.mtime), new Date(entry.mtime));
     });
   }
-  const written = `${done.written} files written (${
-    mib(done.bytes)
-  }), ${done.same} already identical`;
-  ui.info(
-    `Restored snapshot ${snapshot.id}: ${written}, ${entries.length} entries; ${since(started)}`,
-  );
-}
-
-// ---- Maintenance: snapshots, ls, check, forget, prune -----------------------------------------
-
-/** Opens every snapshot and manifest and confirms that each chunk they name is stored; with
- * --read-data also fetches and authenticates every chunk. Damage is named and exits 3. */
-async function check(repo: Repo, options: Options, ui: Ui) {
-  const { snapshots } = await listSnapshots(repo, ui);
-  const stored = new Set(await repo.store.list("data"));
-  const chunks = new Map<string, { length: number; where: string }>();
-  const note = (content: Content, where: string) =>
-    content.chunks.forEach((id, index) =>
-      chunks.set(id, { length: chunkBytes(content, index), where })
-    );
-  for (const snapshot of snapshots) {
-    note(snapshot.manifest, `the manifest of snapshot ${snapshot.id}`);
-    const entries = await loadManifest(repo, snapshot).catch((error) =>
-      ui.damaged(error, "skipped")
-    );
-    for (const entry of entries?.filter((entry) => entry.chunks) ?? []) {
-      note(entry as Content, `${entry.path} in snapshot ${snapshot.id}`);
-    }
-  }
-  const reading = limiter(IN_FLIGHT_BYTES, IN_FLIGHT_COUNT);
-  for (const [id, { length, where }] of chunks) {
-    if (!stored.has(id)) ui.problem(`chunk ${id} of ${where} is missing`, 3);
-    else if (options["read-data"]) {
-      await reading.add(
-        length,
-        () => loadChunk(repo, id, length).catch((error) => ui.damaged(error, where)),
-      );
-    }
-  }
-  await reading.drain();
-  const read = options["read-data"] ? ", all read and authenticated" : "";
-  ui.info(`Checked ${snapshots.length} snapshots and ${chunks.size} chunks${read}`);
-}
-
-/** Removes snapshots beyond --keep-last N and older than --keep-within, per host and source. */
-async function forget(repo: Repo, options: Options, ui: Ui) {
-  const last = Number(options["keep-last"] ?? 0);
-  const within = /^(\d+)([hdwy])$/.exec(options["keep-within"] ?? "0h");
-  const unit = { h: 1, d: 24, w: 168, y: 8766 }[within?.[2] as "h"] * 3600e3;
-  if (!Number.isSafeInteger(last) || !within || !(last || Number(within[1]))) {
-    throw new UserError("forget needs --keep-last N and/or --keep-within N(h|d|w|y)", 2);
-  }
-  const { snapshots } = await listSnapshots(repo, ui);
-  const newer = (a: Snapshot, b: Snapshot) =>
-    a.host === b.host && a.source === b.source && b.time > a.time;
-  const old = snapshots.filter((snapshot) =>
-    snapshots.filter((other) => newer(snapshot, other)).length >= last &&
-    Date.now() - Date.parse(snapshot.time) > Number(within[1]) * unit
-  );
-  for (const snapshot of old) await repo.store.remove(`snapshots/${snapshot.id}`);
-  ui.info(`Removed ${old.length} snapshots, kept ${snapshots.length - old.length}`);
-  if (options.prune) await prune(repo, ui);
-}
-
-/** Deletes the chunks no snapshot uses, holding the repository alone (§8). It refuses while a
- * snapshot cannot be read, and deletes only unused chunks: a killed prune harms no snapshot. */
-function prune(repo: Repo, ui: Ui) {
-  return withLock(repo, ui, true, async () => {
-    const { snapshots, damaged } = await listSnapshots(repo, ui);
-    if (damaged) throw new UserError("Not pruning: the chunks of a damaged snapshot would go", 3);
-    const used = new Set<string>();
-    for (const snapshot of snapshots) {
-      snapshot.manifest.chunks.forEach((id) => used.add(id));
-      for (const entry of await loadManifest(repo, snapshot)) {
-        entry.chunks?.forEach((id) => used.add(id));
-      }
-    }
-    const unused = (await repo.store.list("data")).filter((id) => isHex(id, 64) && !used.has(id));
-    const removing = limiter(Infinity, IN_FLIGHT_COUNT);
-    for (const id of unused) await removing.add(0, () => repo.store.remove(`data/${id}`));
-    await removing.drain();
-    ui.info(`Pruned ${unused.length} unused chunks; ${used.size} chunks in use`);
-  });
+  const files = `${done.written} files (${mib(done.bytes)}) written, ${done.same} already there`;
+  ui.info(`Restored snapshot ${snapshot.id}: ${files}; ${since(started)}`);
 }
 
 // ---- Command line -----------------------------------------------------------------------------
 
-const SELF = basename(Deno.execPath()) === "deno"
-  ? "deno run -A nfreezer.ts"
-  : basename(Deno.execPath());
+const BINARY = basename(Deno.execPath());
+const SELF = BINARY === "deno" ? "deno run -A nfreezer.ts" : BINARY; // as the user runs it
+const HELP = `see ${SELF} --help`;
 const USAGE = `Usage: ${SELF} <command> ...     (nfreezer ${VERSION}: encrypted backups)
   init      <repo>                create an empty repository (backup also creates one)
-  backup    <source-dir> <repo>   add a snapshot       [--exclude GLOB]... [--full]
-  restore   <repo> <target-dir>   restore a snapshot   [--snapshot ID] [--include PATH]...
-  snapshots <repo>                list the snapshots   [--json]
-  ls        <repo>                list a snapshot's paths  [--snapshot ID] [--json]
-  check     <repo>                check that every chunk is stored  [--read-data]
-  forget    <repo>                remove old snapshots  [--keep-last N] [--keep-within 30d] [--prune]
-  prune     <repo>                delete the chunks no snapshot uses
+  backup    <source-dir> <repo>   add a snapshot         [--exclude GLOB]...
+  restore   <repo> <target-dir>   restore a snapshot     [--snapshot ID]
+  snapshots <repo>                list the snapshots     [--json]
 <repo>: /local/path, ./relative/path, user@host:path or sftp://user@host[:port]/path.
---snapshot ID: a unique prefix of an id; the default is the newest snapshot.
---full: read every file and ask the repository about every chunk (sends what check found missing).
-
+ID: a unique prefix of a snapshot id; the default is the newest snapshot.
 Options:
   --password-file FILE  read the passphrase from FILE (else $NFREEZER_PASSWORD, else a prompt)
-  -i, --identity FILE   SSH private key, passed to ssh (else ssh's own: agent, ~/.ssh/config)
-  --known-hosts FILE    SSH known hosts file, passed to ssh as UserKnownHostsFile
+  -i, --identity FILE   SSH key for ssh ($NFREEZER_SSH, default ssh, with its ~/.ssh/config)
+  --known-hosts FILE    SSH known hosts file (ssh's UserKnownHostsFile)
   --accept-new-host     trust and remember the key of a host not yet in known_hosts
-  -q, --quiet           print only warnings and errors
-  -h, --help            show this help (after a command: its own)     --version
-$NFREEZER_SSH: the ssh command to run (default: ssh), e.g. "ssh -F ~/.ssh/other_config".
+  -q, --quiet  only warnings and errors      -h, --help  this help      --version  the version
 Exit codes: 0 ok, 1 error, 2 usage error, 3 integrity error (tampered or missing data)`;
-const OPTIONS = {
-  "password-file": { type: "string" },
-  identity: { type: "string", short: "i" },
-  "known-hosts": { type: "string" },
-  "accept-new-host": { type: "boolean" },
-  quiet: { type: "boolean", short: "q" },
-  help: { type: "boolean", short: "h" },
-  version: { type: "boolean" },
-  exclude: { type: "string", multiple: true },
-  full: { type: "boolean" },
-  snapshot: { type: "string" },
-  include: { type: "string", multiple: true },
-  json: { type: "boolean" },
-  "read-data": { type: "boolean" },
-  "keep-last": { type: "string" },
-  "keep-within": { type: "string" },
-  prune: { type: "boolean" },
-} as const;
-type Options = ReturnType<typeof parseArgs<{ options: typeof OPTIONS }>>["values"];
+/** Options as USAGE shows them ("-x, --name VALUE]..."); a command's own are on its line. */
+const OPTIONS: Record<string, Untyped> = {};
+const OPTION = /(?:-(\w), )?--([a-z-]+)( [A-Z]+)?(\]\.{3})?/g; // -x, --name VALUE]...
+for (const [, short, name, value, many] of USAGE.matchAll(OPTION)) {
+  OPTIONS[name] = { type: value ? "string" : "boolean", multiple: !!many, ...short && { short } };
+}
+const OWN = new Set(USAGE.match(/\[--[a-z-]+/g)!.map((text) => text.slice(3)));
+type Options = Record<string, Untyped>;
 
-/** Output: info on stdout (not with -q), warnings on stderr; problems are counted, and the
- * command exits 1 (or 3 if one was damage) once it has done what it could. */
-function makeUi(quiet = false) {
-  const live = !quiet && Deno.stderr.isTerminal();
-  let shown = 0;
-  const clear = () => live && shown && Deno.stderr.writeSync(utf8("\r\x1b[K"));
+/** Output; problems are counted: the command exits 1 (3 for damage) once it did the rest. */
+function makeUi(quiet: boolean) {
   const ui = {
     problems: 0,
     exitCode: 1,
-    info: (text: string) => (clear(), quiet || console.log(text)),
-    warn: (text: string) => (clear(), console.error(`nfreezer: warning: ${text}`)),
+    info: (text: string) => quiet || console.log(text),
+    warn: (text: string) => console.error(`nfreezer: warning: ${text}`),
     problem(text: string, exitCode = 1) {
       ui.warn(text);
       ui.problems++;
       ui.exitCode = Math.max(ui.exitCode, exitCode);
     },
-    /** An integrity error becomes a problem (exit 3, after the rest is done); others are thrown. */
-    damaged(error: Untyped, context: string): undefined {
-      if (error?.exitCode !== 3) throw error;
-      ui.problem(`${context}: ${error.message}`, 3);
-    },
-    progress(text: () => string) {
-      if (!live || Date.now() - shown < PROGRESS_MS) return;
-      shown = Date.now();
-      Deno.stderr.writeSync(utf8(`\r${text()}\x1b[K`));
-    },
+    /** An integrity error becomes a problem (exit 3, once the rest is done); others are thrown. */
+    damaged: (error: Untyped, context: string): undefined =>
+      void (error?.exitCode === 3 ? ui.problem(`${context}: ${error.message}`, 3) : fail(error)),
   };
   return ui;
 }
 
-/** Reads a line from the terminal without echoing it; backspace removes a whole character. */
+/** Reads a line without echo; backspace erases a character; strict UTF-8 (no two collide). */
 async function promptSecret(question: string): Promise<string> {
   const hint = "give it with --password-file FILE or $NFREEZER_PASSWORD";
-  if (!Deno.stdin.isTerminal()) {
-    throw new UserError("A passphrase is needed, but no terminal", 1, hint);
-  }
+  if (!Deno.stdin.isTerminal()) throw new UserError("A passphrase is needed", 1, hint);
   Deno.stderr.writeSync(utf8(question));
   Deno.stdin.setRaw(true);
   const [bytes, byte] = [[] as number[], new Uint8Array(1)];
@@ -983,7 +691,7 @@ async function promptSecret(question: string): Promise<string> {
 }
 function strictUtf8(bytes: Uint8Array): string {
   try {
-    return new TextDecoder("utf-8", { fatal: true }).decode(bytes); // no two passphrases collapse
+    return new TextDecoder("utf-8", { fatal: true }).decode(bytes);
   } catch {
     throw new UserError("The passphrase is not valid UTF-8");
   }
@@ -992,33 +700,34 @@ function strictUtf8(bytes: Uint8Array): string {
 /** The passphrase from --password-file, else $NFREEZER_PASSWORD, else asked (twice if new). */
 async function getPassphrase(options: Options, creating: boolean): Promise<string> {
   const file = options["password-file"];
-  const given = file ? strictUtf8(Deno.readFileSync(file)).replace(/\r?\n$/, "") : undefined;
-  const passphrase = given ?? Deno.env.get("NFREEZER_PASSWORD") ??
-    await promptSecret("Repository passphrase: ");
-  const asked = !file && Deno.env.get("NFREEZER_PASSWORD") === undefined;
-  if (asked && creating && passphrase !== await promptSecret("Repeat it: ")) {
-    throw new UserError("The passphrases differ");
-  }
+  const read = () => strictUtf8(Deno.readFileSync(file)).replace(/\r?\n$/, "");
+  const given = file ? read() : Deno.env.get("NFREEZER_PASSWORD") || undefined;
+  const passphrase = given ?? await promptSecret("Repository passphrase: ");
+  const again = given ?? (creating ? await promptSecret("Repeat it: ") : passphrase);
+  if (passphrase !== again) throw new UserError("The passphrases differ");
   return passphrase || fail(new UserError("The passphrase is empty"));
 }
 
-/** Opens the repository at location; init and backup create it where there is none. */
+/** Opens (init and backup: creates) the repository at a path, user@host:path or sftp:// URL. */
 async function openRepo(location: string, options: Options, create: boolean): Promise<Repo> {
-  const store = await openStore(location, options);
+  const url = /^sftp:\/\/([^/:]+)(?::(\d+))?(\/.*)$/.exec(location);
+  const scp = /^([^/:]+):(.*)$/.exec(location); // as scp: a local "a:b" is written ./a:b
+  const [destination, port, path] = url ? url.slice(1) : [scp?.[1], "", scp?.[2] || "."];
+  const sftp = destination && await connectSsh(destination, port, options);
+  const store = sftp
+    ? makeStore(sftp, path.replace(/^~\//, ""), () => sftp.end())
+    : makeStore(LOCAL_FILES, resolve(location));
   try {
     const names = await store.list("");
     const found = names.includes("config");
     const hint = `create one with: ${SELF} init ${location}`;
     if (!found && !create) throw new UserError(`No repository at ${location}`, 1, hint);
-    if (!found && names.some((name) => !FOLDERS.includes(name))) {
-      throw new UserError(`${location} is not empty, and not a repository`);
-    }
+    const foreign = names.some((name) => !FOLDERS.includes(name));
+    if (!found && foreign) throw new UserError(`${location} is not empty, and not a repository`);
     await store.prepare(!found);
-    if (found) {
-      const config = await store.read("config");
-      return { store, keys: await unlockConfig(config, await getPassphrase(options, false)) };
-    }
-    const { config, keys } = await createConfig(await getPassphrase(options, true));
+    const passphrase = await getPassphrase(options, !found);
+    if (found) return { store, keys: await unlockConfig(await store.read("config"), passphrase) };
+    const { config, keys } = await createConfig(passphrase);
     await store.write("config", utf8(config));
     return { store, keys };
   } catch (error) {
@@ -1031,70 +740,41 @@ type Command = (repo: Repo, args: string[], options: Options, ui: Ui) => Promise
 const COMMANDS: Record<string, Command> = {
   init: (_repo, [location], _options, ui) => Promise.resolve(ui.info(`Created ${location}`)),
   backup: (repo, [source], options, ui) =>
-    withLock(repo, ui, false, () => backup(repo, Deno.realPathSync(source), options, ui)),
+    withLock(repo, ui, () => backup(repo, Deno.realPathSync(source), options, ui)),
   restore: (repo, [, target], options, ui) => restore(repo, resolve(target), options, ui),
   async snapshots(repo, _args, options, ui) {
     const { snapshots } = await listSnapshots(repo, ui);
     if (options.json) return console.log(JSON.stringify(snapshots, null, 2));
-    for (const { id, time, host, source, files, bytes } of snapshots) {
+    for (const { id, time, host, source, files, bytes } of snapshots as Untyped[]) {
       ui.info(`${id}  ${time}  ${host}:${source}  ${files} entries, ${mib(bytes)}`);
     }
   },
-  async ls(repo, _args, options, ui) {
-    const entries = await loadManifest(repo, await findSnapshot(repo, ui, options.snapshot));
-    if (options.json) return console.log(JSON.stringify(entries, null, 2));
-    for (const { path, type, size, mtime, target } of entries) {
-      const link = target === undefined ? "" : ` -> ${target}`;
-      const when = new Date(mtime).toISOString();
-      console.log(
-        `${type.padEnd(7)} ${String(size ?? "").padStart(12)}  ${when}  ${path || "."}${link}`,
-      );
-    }
-  },
-  check: (repo, _args, options, ui) => check(repo, options, ui),
-  forget: (repo, _args, options, ui) => forget(repo, options, ui),
-  prune: (repo, _args, _options, ui) => prune(repo, ui),
 };
-
-const OWN = new Set(USAGE.match(/\[--[a-z-]+/g)!.map((text) => text.slice(3))); // command options
 
 /** A command's USAGE line is its spec: the <arguments> it takes and the [--options] it adds. */
 async function runCli(argv: string[]): Promise<void> {
   process.umask(0o077); // safe default: what this process creates is private to the user
-  const help = `see ${SELF} --help`;
-  const parsed = (() => {
-    try {
-      return parseArgs({ args: argv, options: OPTIONS, allowPositionals: true });
-    } catch (error) {
-      throw new UserError((error as Error).message.split(". ")[0], 2, help); // not the paragraph
-    }
-  })();
-  const { values: options, positionals: [name, ...args] } = parsed;
+  const parsed = parseArgs({ args: argv, options: OPTIONS, allowPositionals: true });
+  const [options, [name, ...args]] = [parsed.values as Options, parsed.positionals];
   if (options.version) return console.log(`nfreezer ${VERSION}, repository format ${FORMAT}`);
+  if (options.help || !name) return console.log(USAGE);
   const line = USAGE.split("\n").find((text) => COMMANDS[name] && text.startsWith(`  ${name} `));
-  if (!line && (options.help || !name)) return console.log(USAGE);
-  if (!line) throw new UserError(`Unknown command ${name}`, 2, help);
+  if (!line) throw new UserError(`Unknown command ${name}`, 2, HELP);
   const usage = `usage: ${SELF} ${line.trim()}`;
-  if (options.help) return console.log(`${usage}\n\n${USAGE.slice(USAGE.indexOf("Options:"))}`);
-  const wanted = line.match(/<[^>]+>/g)!;
+  const slots = line.match(/<[^>]+>/g)!;
   const foreign = Object.keys(options).find((key) => OWN.has(key) && !line.includes(`[--${key}`));
   if (foreign) throw new UserError(`${name} does not take --${foreign}`, 2, usage);
-  if (args.length !== wanted.length) {
-    throw new UserError(`${name} takes ${wanted.join(" ")}`, 2, usage);
+  if (args.length !== slots.length) {
+    throw new UserError(`${name} takes ${slots.join(" ")}`, 2, usage);
   }
   if (name === "backup" && !Deno.statSync(args[0]).isDirectory) {
     throw new UserError(`${args[0]} is not a folder`); // checked before a repository is made
   }
   const ui = makeUi(options.quiet);
-  const repo = await openRepo(
-    args[wanted.indexOf("<repo>")],
-    options,
-    ["init", "backup"].includes(name),
-  );
+  const repo = await openRepo(args[slots.indexOf("<repo>")], options, /init|backup/.test(name));
   await COMMANDS[name](repo, args, options, ui).finally(() => repo.store.close());
-  const hint = name === "check" ? `${SELF} backup --full sends missing chunks again` : "";
   const problems = `${ui.problems} problem${ui.problems === 1 ? "" : "s"} (see the warnings above)`;
-  if (ui.problems) throw new UserError(problems, ui.exitCode, hint);
+  if (ui.problems) throw new UserError(problems, ui.exitCode);
 }
 
 /** Runs the command line and returns the exit code; errors that are not ours keep their stack. */
@@ -1102,7 +782,9 @@ export async function main(argv: string[]): Promise<number> {
   try {
     await runCli(argv);
     return 0;
-  } catch (error) {
+  } catch (thrown: Untyped) {
+    const usage = String(thrown?.code).startsWith("ERR_PARSE_ARGS"); // not the parser's paragraph
+    const error = usage ? new UserError(thrown.message.split(". ")[0], 2, HELP) : thrown;
     if (!(error instanceof UserError || isFsError(error))) throw error;
     console.error(`nfreezer: error: ${error.message.replace(/ \(os error \d+\)/, "")}`);
     if (error instanceof UserError && error.hint) console.error(`nfreezer: hint: ${error.hint}`);
