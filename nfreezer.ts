@@ -215,7 +215,7 @@ function checkEntries(entries: Entry[], what: string): Entry[] {
     const { path, type, mode, mtime, target } = entry ?? {};
     const parts = typeof path === "string" ? path.split("/") : [""];
     const named = path === "" || parts.every((part) => !["", ".", ".."].includes(part));
-    const placed = path === "" ? type === "dir" : types.get(parentOf(path)) === "dir";
+    const placed = path === "" ? type === "dir" : types.get(parentOf(`${path}`)) === "dir";
     const fields = Number.isInteger(mode) && mode >= 0 && mode <= 0o7777 && isFinite(mtime);
     const typed = type === "dir" || (type === "file" && isContent(entry as Content)) ||
       (type === "symlink" && typeof target === "string" && target !== "");
@@ -377,9 +377,9 @@ function makeStore(files: Untyped, root: string, close = () => {}) {
     /** §1: the root and its folders are real folders, made if `create`. */
     async prepare(create: boolean) {
       for (const folder of ["", ...FOLDERS]) { // a link could lead writes and deletes elsewhere
-        const info = await stat(folder, folder ? "lstat" : "stat");
+        const [info, code] = [await stat(folder, folder ? "lstat" : "stat"), folder ? 3 : 1];
         if (!info && create) await call(files, "mkdir", path(folder), { mode: 0o700 });
-        else if (!info?.isDirectory()) throw new UserError(`${path(folder)} is not a folder`, 3);
+        else if (!info?.isDirectory()) throw new UserError(`${path(folder)} is not a folder`, code);
       }
     },
     close,
