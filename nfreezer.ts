@@ -57,7 +57,8 @@ const fail = (error: Error): never => {
 };
 function parseJson(bytes: Uint8Array, what: string, gzipped = false) {
   try {
-    return JSON.parse(new TextDecoder().decode(gzipped ? gunzipSync(bytes) : bytes));
+    const text = gzipped ? gunzipSync(bytes, { maxOutputLength: 2 ** 28 }) : bytes; // no gzip bomb
+    return JSON.parse(new TextDecoder().decode(text));
   } catch {
     throw damaged(what);
   }
@@ -80,10 +81,9 @@ const ZERO_NONCE = new Uint8Array(NONCE_BYTES); // §3: each object key seals on
 function deriveKek(passphrase: string, kdf: Record<string, number>, salt: Bytes) {
   const { log2N, r, p } = kdf ?? {};
   const memory = 128 * 2 ** log2N * r;
-  const sane = [log2N, r, p].every(Number.isInteger) && r > 0 && p > 0 && p <= 4;
-  if (!sane || log2N < 14 || log2N >= 16 * r || memory > SCRYPT_MAX_BYTES) {
-    throw damaged("The scrypt parameters of the repository config"); // 2^log2N < 2^(16 r): RFC 7914
-  }
+  const sane = [log2N, r, p].every(Number.isInteger) && r > 0 && p > 0 && p <= 4; // RFC 7914:
+  const bounded = log2N >= 14 && log2N < 16 * r && memory <= SCRYPT_MAX_BYTES; // N < 2^(128 r / 8)
+  if (!sane || !bounded) throw damaged("The scrypt parameters of the repository config");
   const options = { N: 2 ** log2N, r, p, maxmem: 2 * memory };
   const kek = scryptSync(passphrase.normalize("NFKC"), salt, KEY_BYTES, options);
   return subtle.importKey("raw", new Uint8Array(kek), "AES-GCM", false, ["encrypt", "decrypt"]);
@@ -216,7 +216,7 @@ function checkEntries(entries: Entry[], what: string): Entry[] {
     const parts = typeof path === "string" ? path.split("/") : [""];
     const named = path === "" || parts.every((part) => !["", ".", ".."].includes(part));
     const placed = path === "" ? type === "dir" : types.get(parentOf(`${path}`)) === "dir";
-    const fields = Number.isInteger(mode) && mode >= 0 && mode <= 0o7777 && isFinite(mtime);
+    const fields = Number.isInteger(mode) && mode >= 0 && mode <= 0o7777 && Number.isFinite(mtime);
     const typed = type === "dir" || (type === "file" && isContent(entry as Content)) ||
       (type === "symlink" && typeof target === "string" && target !== "");
     const clean = !`${path}${target ?? ""}`.includes("\0") && !types.has(path);
@@ -262,13 +262,13 @@ async function findSnapshot(repo: Repo, ui: Ui, prefix = ""): Promise<Snapshot> 
 
 /** §8: runs a backup holding a lock. A lock of this host whose process is gone is stale and
  * removed; with no other lock left, no other run can be writing, and tmp/ is emptied (§7). */
-async function withLock<T>(repo: Repo, ui: Ui, work: () => Promise<T>) {
+async function withLock<T>(repo: Repo, work: () => Promise<T>) {
   const own = hex(random(8));
   await putJson(repo, `locks/${own}`, { host: hostname(), pid: Deno.pid });
   try {
     let others = 0;
     for (const id of (await repo.store.list("locks")).filter((id) => isHex(id, 16) && id !== own)) {
-      const lock = await getJson(repo, `locks/${id}`).catch((error) => ui.damaged(error, "a lock"));
+      const lock = await getJson(repo, `locks/${id}`).catch(() => null); // gone, or not ours
       if (lock?.host === hostname() && gone(lock.pid)) await repo.store.remove(`locks/${id}`);
       else others++;
     }
@@ -435,9 +435,9 @@ async function connectSsh(destination: string, port: string, options: Options) {
 // ---- Backup -----------------------------------------------------------------------------------
 
 type Ui = ReturnType<typeof makeUi>;
-const isFsError = (error: unknown): error is Error =>
-  Object.values(Deno.errors).some((type) => error instanceof type);
+const isFsError = (error: unknown): error is Error => /^E[A-Z0-9]+$/.test((error as Untyped)?.code);
 const mib = (bytes: number) => `${(bytes / 2 ** 20).toFixed(1)} MiB`;
+const printable = (text: string) => text.replace(/\p{Cc}/gu, "?"); // no control codes from a server
 const since = (start: number) => `${((Date.now() - start) / 1000).toFixed(1)} s`;
 
 /** Walks root without following links; dotfiles included; sockets, fifos, devices skipped. */
@@ -490,7 +490,8 @@ async function backup(repo: Repo, root: string, options: Options, ui: Ui) {
   const started = Date.now();
   const { snapshots } = await listSnapshots(repo, ui); // only the parent must open
   const parent = snapshots.findLast((item) => item.host === hostname() && item.source === root);
-  const before = parent ? await loadManifest(repo, parent) : [];
+  const orphan = (error: unknown) => ui.damaged(error, "no parent"); // then every file is read
+  const before = (parent && await loadManifest(repo, parent).catch(orphan)) || [];
   const previous = new Map(before.map((entry) => [entry.path, entry]));
   const known = new Set(before.flatMap((entry) => entry.chunks ?? [])); // §4: stored already
   const uploads = limiter(IN_FLIGHT_BYTES, IN_FLIGHT_COUNT);
@@ -512,7 +513,7 @@ async function backup(repo: Repo, root: string, options: Options, ui: Ui) {
   const kept: Entry[] = [];
   for (const entry of entries) {
     const old = previous.get(entry.path);
-    const same = old?.chunks && old.size === entry.size && old.mtime === entry.mtime;
+    const same = old?.type === "file" && old.size === entry.size && old.mtime === entry.mtime;
     if (entry.type !== "file") kept.push(entry);
     else if (same) kept.push({ ...entry, chunks: old.chunks });
     else {
@@ -523,7 +524,7 @@ async function backup(repo: Repo, root: string, options: Options, ui: Ui) {
       done.read += stored?.size ?? 0;
       if (stored) kept.push(stored);
     }
-    if (entry.type === "file") done[same ? "same" : old?.chunks ? "changed" : "new"]++;
+    if (entry.type === "file") done[same ? "same" : old?.type === "file" ? "changed" : "new"]++;
   }
   const packed = gzipSync(utf8(JSON.stringify(kept)));
   const manifest = { size: packed.length, chunks: [] as string[] };
@@ -534,7 +535,7 @@ async function backup(repo: Repo, root: string, options: Options, ui: Ui) {
   const [id, time] = [hex(random(8)), new Date().toISOString()];
   const snapshot = { time, host: hostname(), source: root, parent: parent?.id, manifest };
   await putJson(repo, `snapshots/${id}`, { ...snapshot, files: kept.length, bytes: total });
-  const removed = before.filter((old) => old.chunks).length - done.changed - done.same;
+  const removed = before.filter((old) => old.type === "file").length - done.changed - done.same;
   const changes = `${done.new} new, ${done.changed} changed, ${done.same} unchanged`;
   const sent = `${mib(done.read)} read, ${mib(done.sent)} sent in ${done.chunks} new chunks`;
   ui.info(`Snapshot ${id}: ${changes}, ${removed} removed files; ${sent}; ${since(started)}`);
@@ -542,24 +543,22 @@ async function backup(repo: Repo, root: string, options: Options, ui: Ui) {
 
 // ---- Restore ----------------------------------------------------------------------------------
 
-/** §4: verified chunks go to a new temporary file, renamed over path once whole (a link there is
- * replaced, not followed); a regular file there with the entry's chunks is kept. */
+/** §4: verified chunks go to a new temporary file, renamed over path (a link there is replaced);
+ * a regular file there with the entry's mode, time and chunks is left untouched. */
 async function restoreFile(repo: Repo, path: string, temporary: string, entry: Entry) {
-  const info = await Deno.lstat(path).catch(() => null);
+  const [info, time] = [await Deno.lstat(path).catch(() => null), new Date(entry.mtime)];
   const hash = (chunk: Bytes) => chunkId(repo.keys, chunk);
-  const found = info?.isFile && info.size === entry.size && await storeFile(path, entry, hash);
-  const same = found && found.chunks.join() === entry.chunks!.join();
-  if (!same) {
-    using file = await Deno.open(temporary, { write: true, createNew: true, mode: 0o600 });
-    for await (const chunk of chunksOf(repo, entry as Content)) {
-      for (let done = 0; done < chunk.length;) done += await file.write(chunk.subarray(done));
-    }
+  const same = info?.isFile && info.mtime?.getTime() === entry.mtime && info.size === entry.size;
+  const found = same && (info.mode! & 0o7777) === entry.mode && await storeFile(path, entry, hash);
+  if (found && found.chunks.join() === entry.chunks!.join()) return undefined;
+  using file = await Deno.open(temporary, { write: true, createNew: true, mode: 0o600 });
+  for await (const chunk of chunksOf(repo, entry as Content)) {
+    for (let done = 0; done < chunk.length;) done += await file.write(chunk.subarray(done));
   }
-  const [written, time] = [same ? path : temporary, new Date(entry.mtime)];
-  await Deno.chmod(written, entry.mode);
-  await Deno.utime(written, time, time);
-  if (!same) await Deno.rename(temporary, path);
-  return same ? undefined : entry.size;
+  await Deno.chmod(temporary, entry.mode);
+  await Deno.utime(temporary, time, time);
+  await Deno.rename(temporary, path);
+  return entry.size;
 }
 
 /** Restores into target in path order: folders, then files (many at once), then links, then the
@@ -575,7 +574,10 @@ async function restore(repo: Repo, target: string, options: Options, ui: Ui) {
   const [failed, done] = [new Set<string>(), { written: 0, bytes: 0, same: 0 }];
   const attempt = async (entry: Entry, work: (path: string, temporary: string) => unknown) => {
     const path = join(root, entry.path);
-    const temporary = join(dirname(path), `.${basename(path)}.nfreezer-${hex(random(4))}`);
+    const temporary = join(
+      dirname(path),
+      `.${basename(path).slice(0, 40)}.nfreezer-${hex(random(4))}`,
+    );
     if (failed.has(entry.path) || failed.has(parentOf(entry.path))) return failed.add(entry.path);
     try {
       await work(path, temporary);
@@ -657,7 +659,7 @@ function makeUi(quiet: boolean) {
     problems: 0,
     exitCode: 1,
     info: (text: string) => quiet || console.log(text),
-    warn: (text: string) => console.error(`nfreezer: warning: ${text}`),
+    warn: (text: string) => console.error(`nfreezer: warning: ${printable(text)}`),
     problem(text: string, exitCode = 1) {
       ui.warn(text);
       ui.problems++;
@@ -714,9 +716,8 @@ async function openRepo(location: string, options: Options, create: boolean): Pr
   const scp = /^([^/:]+):(.*)$/.exec(location); // as scp: a local "a:b" is written ./a:b
   const [destination, port, path] = url ? url.slice(1) : [scp?.[1], "", scp?.[2] || "."];
   const sftp = destination && await connectSsh(destination, port, options);
-  const store = sftp
-    ? makeStore(sftp, path.replace(/^~\//, ""), () => sftp.end())
-    : makeStore(LOCAL_FILES, resolve(location));
+  const root = sftp ? path.replace(/^~\//, "") : resolve(location); // ~/x: relative to home
+  const store = makeStore(sftp || LOCAL_FILES, root, () => sftp && sftp.end());
   try {
     const names = await store.list("");
     const found = names.includes("config");
@@ -740,7 +741,7 @@ type Command = (repo: Repo, args: string[], options: Options, ui: Ui) => Promise
 const COMMANDS: Record<string, Command> = {
   init: (_repo, [location], _options, ui) => Promise.resolve(ui.info(`Created ${location}`)),
   backup: (repo, [source], options, ui) =>
-    withLock(repo, ui, () => backup(repo, Deno.realPathSync(source), options, ui)),
+    withLock(repo, () => backup(repo, Deno.realPathSync(source), options, ui)),
   restore: (repo, [, target], options, ui) => restore(repo, resolve(target), options, ui),
   async snapshots(repo, _args, options, ui) {
     const { snapshots } = await listSnapshots(repo, ui);
@@ -786,7 +787,7 @@ export async function main(argv: string[]): Promise<number> {
     const usage = String(thrown?.code).startsWith("ERR_PARSE_ARGS"); // not the parser's paragraph
     const error = usage ? new UserError(thrown.message.split(". ")[0], 2, HELP) : thrown;
     if (!(error instanceof UserError || isFsError(error))) throw error;
-    console.error(`nfreezer: error: ${error.message.replace(/ \(os error \d+\)/, "")}`);
+    console.error(`nfreezer: error: ${printable(error.message.replace(/ \(os error \d+\)/, ""))}`);
     if (error instanceof UserError && error.hint) console.error(`nfreezer: hint: ${error.hint}`);
     return error instanceof UserError ? error.exitCode : 1;
   }

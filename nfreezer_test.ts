@@ -70,6 +70,10 @@ function makeTree(root: string): void {
   Deno.writeTextFileSync(join(root, "naïve dir/sub/résumé 2024.txt"), "unicode and spaces\n");
   Deno.writeTextFileSync(join(root, ".hidden-dotfile"), "dotfile\n");
   Deno.writeTextFileSync(join(root, "-leading-dash"), "dash\n");
+  Deno.writeTextFileSync(
+    join(root, "n".repeat(240)),
+    "a long name: the restore's temporary is not longer\n",
+  );
   Deno.writeFileSync(join(root, "empty file"), new Uint8Array());
   Deno.writeTextFileSync(join(root, "run.sh"), "#!/bin/sh\necho hi\n");
   Deno.chmodSync(join(root, "run.sh"), 0o755);
@@ -352,7 +356,12 @@ Deno.test("backup() reports a file that changes while it is read, and stores no 
 
 /** Writes a snapshot with the given manifest entries into a local repository, as only a holder of
  * the keys could (a second machine sharing the repository). `content` is stored as one chunk. */
-async function forgeSnapshot(repoDir: string, entries: (id: string) => unknown[], name: string) {
+async function forgeSnapshot(
+  repoDir: string,
+  entries: (id: string) => unknown[],
+  name: string,
+  forged: { host?: string; source?: string; json?: Uint8Array } = {},
+) {
   Deno.env.set("NFREEZER_PASSWORD", CHILD_ENV.NFREEZER_PASSWORD);
   const repo = await openRepo(repoDir, {}, true);
   try {
@@ -362,9 +371,11 @@ async function forgeSnapshot(repoDir: string, entries: (id: string) => unknown[]
       return id;
     };
     const id = await put(new TextEncoder().encode("pwned\n"));
-    const manifest = new Uint8Array(gzipSync(JSON.stringify(entries(id))));
+    const json = forged.json ?? new TextEncoder().encode(JSON.stringify(entries(id)));
+    const manifest = new Uint8Array(gzipSync(json, { level: 1 }));
     const time = new Date().toISOString();
-    const snapshot = { time, host: "forged", source: "/", files: 1, bytes: 6 };
+    const [host, source] = [forged.host ?? "forged", forged.source ?? "/"];
+    const snapshot = { time, host, source, files: 1, bytes: 6 };
     const chunks = [await put(manifest)];
     await putJson(repo, `snapshots/${name}`, {
       ...snapshot,
@@ -416,6 +427,8 @@ Deno.test("forged manifests are refused whole: escapes, duplicates, entries unde
       "chunks that do not fit the size": (id) => [root, file("f", id, { size: 5 * MiB })],
       "a mode out of range": (id) => [root, file("f", id, { mode: 0o10000 })],
       "an mtime that is not a number": (id) => [root, file("f", id, { mtime: "soon" })],
+      "an mtime that is null": (id) => [root, file("f", id, { mtime: null })],
+      "terminal control codes in a path": (id) => [root, file("\x1b]0;pwned\x07/../x", id)],
       "a chunk id that is a path": (_id) => [root, file("f", "../config")],
       "no root entry": (id) => [file("f", id)],
       "not an array": (_id) => ({ path: "f" }) as unknown as unknown[],
@@ -427,6 +440,10 @@ Deno.test("forged manifests are refused whole: escapes, duplicates, entries unde
         const target = join(work, "target", "inside");
         const run = await nfreezer(["restore", repo, target]);
         assertOneLineError(run, 3, /The manifest of snapshot 00000000000000ff .*is corrupted/);
+        assert.ok(
+          !run.stderr.includes("\x1b") && !run.stderr.includes("\x07"),
+          "control codes shown",
+        );
         assert.throws(() => Deno.statSync(join(work, "target", "escaped")));
         assert.throws(() => Deno.statSync(join(work, "escaped")));
         assert.equal(Deno.readTextFileSync(join(victim, "file")), "precious\n");
@@ -494,6 +511,90 @@ Deno.test("restore replaces links in the target, never writing, chmodding or tim
     Deno.symlinkSync(join(outside, "victim.txt"), join(target, "f"));
     await ok(["restore", repo, target]);
     assert.deepEqual(treeState(outside), before, "something outside the target changed");
+    assert.deepEqual(treeState(target), treeState(source));
+  } finally {
+    Deno.removeSync(work, { recursive: true });
+  }
+});
+
+Deno.test("a gzip bomb for a manifest is refused (exit 3) without inflating it whole", async () => {
+  const work = Deno.makeTempDirSync({ prefix: "nfreezer-bomb-" });
+  try {
+    const json = new Uint8Array(300 * MiB + 2).fill(32); // 300 MiB of JSON spaces around "[]"
+    json.set(new TextEncoder().encode("[]"), json.length - 2);
+    await forgeSnapshot(join(work, "repo"), () => [], "00000000000000bb", { json });
+    const run = await nfreezer(["restore", join(work, "repo"), join(work, "target")]);
+    assertOneLineError(run, 3, /The manifest of snapshot 00000000000000bb is corrupted/);
+  } finally {
+    Deno.removeSync(work, { recursive: true });
+  }
+});
+
+Deno.test("a forged parent cannot pass a folder entry off as an unchanged file", async () => {
+  const work = Deno.makeTempDirSync({ prefix: "nfreezer-parent-" });
+  const [source, repo] = [join(work, "source"), join(work, "repo")];
+  try {
+    Deno.mkdirSync(source);
+    Deno.writeTextFileSync(join(source, "f.txt"), "the real content\n");
+    await ok(["backup", source, repo]);
+    const { mtime, size } = Deno.statSync(join(source, "f.txt"));
+    const root = { path: "", type: "dir", mode: 0o755, mtime: 0 };
+    const fake = { path: "f.txt", type: "dir", mode: 0o755, mtime: mtime!.getTime(), size };
+    const entries = () => [root, { ...fake, chunks: ["0".repeat(64)] }];
+    await forgeSnapshot(repo, entries, "ffffffffffffffff", { host: Deno.hostname(), source });
+    Deno.utimeSync(join(repo, "snapshots", "ffffffffffffffff"), new Date(), new Date());
+    assert.match(await ok(["backup", source, repo]), /: 1 new, 0 changed, 0 unchanged/);
+    Deno.removeSync(join(repo, "snapshots", "ffffffffffffffff"));
+    await ok(["restore", repo, join(work, "out")]);
+    assert.deepEqual(treeState(join(work, "out")), treeState(source));
+  } finally {
+    Deno.removeSync(work, { recursive: true });
+  }
+});
+
+Deno.test("a parent whose manifest is lost: backup names it, reads everything, exits 3", async () => {
+  const work = Deno.makeTempDirSync({ prefix: "nfreezer-orphan-" });
+  const [source, repo] = [join(work, "source"), join(work, "repo")];
+  try {
+    Deno.mkdirSync(source);
+    Deno.writeTextFileSync(join(source, "a.txt"), "a\n");
+    await ok(["backup", source, repo]);
+    const before = new Set(repoFiles(repo, "data"));
+    Deno.writeTextFileSync(join(source, "b.txt"), "b\n");
+    await ok(["backup", source, repo]);
+    for (const file of repoFiles(repo, "data").filter((file) => !before.has(file))) {
+      Deno.removeSync(file); // b.txt's chunk and the new manifest
+    }
+    const orphan = await nfreezer(["backup", source, repo]);
+    assert.equal(orphan.code, 3, orphan.stderr);
+    assert.match(orphan.stderr, /no parent: Cannot read data\/\w+: it is missing/);
+    assert.match(orphan.stdout, /: 2 new, 0 changed, 0 unchanged/);
+    assert.match(await ok(["backup", source, repo]), /: 0 new, 0 changed, 2 unchanged/);
+    await ok(["restore", repo, join(work, "out")]);
+    assert.deepEqual(treeState(join(work, "out")), treeState(source));
+  } finally {
+    Deno.removeSync(work, { recursive: true });
+  }
+});
+
+Deno.test("restore replaces a hard link with the right bytes but another mode, and leaves its twin alone", async () => {
+  const work = Deno.makeTempDirSync({ prefix: "nfreezer-hardlink-" });
+  const [source, repo, target, outside] = ["source", "repo", "target", "outside"].map((name) =>
+    join(work, name)
+  );
+  try {
+    Deno.mkdirSync(source);
+    Deno.writeTextFileSync(join(source, "pub"), "same bytes\n");
+    Deno.chmodSync(join(source, "pub"), 0o755);
+    await ok(["backup", source, repo]);
+    Deno.mkdirSync(target);
+    Deno.mkdirSync(outside);
+    Deno.writeTextFileSync(join(outside, "victim"), "same bytes\n");
+    Deno.chmodSync(join(outside, "victim"), 0o600);
+    Deno.linkSync(join(outside, "victim"), join(target, "pub"));
+    const before = treeState(outside);
+    await ok(["restore", repo, target]);
+    assert.deepEqual(treeState(outside), before);
     assert.deepEqual(treeState(target), treeState(source));
   } finally {
     Deno.removeSync(work, { recursive: true });
