@@ -41,7 +41,7 @@ const TAG_BYTES = 16; // §2, §3: AES-GCM
 const HEADER_BYTES = MAGIC.length + SALT_BYTES; // §3
 const CHUNK_BYTES = 4 * 2 ** 20; // §4: the unit of dedup, of resume and of memory use
 const SMALL_OBJECT_BYTES = 64 * 1024; // §2, §6, §8: a few hundred bytes; larger is refused unread
-const IN_FLIGHT_BYTES = 32 * 2 ** 20; // chunk bytes being sealed, sent or fetched at once
+const IN_FLIGHT_BYTES = 12 * 2 ** 20; // chunk bytes sealed, sent or fetched at once (RSS)
 const IN_FLIGHT_COUNT = 64; // objects at once: hides the ~6 round trips each small one costs
 const LEFTOVER = /^\..+\.nfreezer-[0-9a-f]{8}$/; // a killed restore's temporary file
 
@@ -146,7 +146,7 @@ async function seal(keys: Keys, name: string, content: Uint8Array): Promise<Byte
   payload.set(content, 4);
   const salt = random(SALT_BYTES);
   const sealed = await subtle.encrypt(gcm(ZERO_NONCE), await objectKey(keys, salt, name), payload);
-  return new Uint8Array(Buffer.concat([utf8(MAGIC), salt, new Uint8Array(sealed)]));
+  return Buffer.concat([utf8(MAGIC), salt, new Uint8Array(sealed)]);
 }
 
 /** §3: opens an object read from name; only authenticated bytes come out. */
@@ -323,7 +323,7 @@ function call<T>(files: Untyped, method: string, ...args: unknown[]): Promise<T>
       reject(Object.assign(new UserError(`Cannot ${method}${what}: ${reason}`), { reason, error }));
     })
   );
-  return files.lost ? Promise.race([request, files.lost]) : request;
+  return files.lost ? Promise.race([request, files.lost.then(fail)]) : request; // ssh is gone
 }
 
 /** A Store on ssh2's SFTP calls, or node:fs's (the same API) for a local folder. ssh2 sends the
@@ -422,13 +422,14 @@ async function connectSsh(destination: string, port: string, options: Options) {
   sftp.on("error", () => {}); // a protocol error ends the channel; pending calls fail with it
   sftp.lost = child.status.then(({ code }) => {
     sftp.gone = true;
-    throw new UserError(`The SSH connection to ${destination} ended (ssh exit code ${code})`);
+    return new UserError(`The SSH connection to ${destination} ended (ssh exit code ${code})`);
   });
-  sftp.lost.catch(() => {}); // it only matters to calls still pending when it fails
-  child.stdout.pipeTo(new WritableStream({ write: (data) => sftp.push(Buffer.from(data)) }))
+  const push = (data: Uint8Array) =>
+    sftp.push(Buffer.from(data.buffer, data.byteOffset, data.length));
+  child.stdout.pipeTo(new WritableStream({ write: push }))
     .catch(() => {}).finally(() => (sftp.gone = true, sftp.push(null))); // fails what is pending
   sftp._init();
-  await Promise.race([new Promise((ready) => sftp.once("ready", ready)), sftp.lost]);
+  await Promise.race([new Promise((ready) => sftp.once("ready", ready)), sftp.lost.then(fail)]);
   return sftp;
 }
 
