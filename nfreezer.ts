@@ -315,15 +315,15 @@ const isMissing = (error: Untyped) => ["ENOENT", "ENOTDIR", 2].includes(error?.c
 
 /** A callback call (ssh2 SFTP or node:fs) as a promise that fails with a one-line UserError. */
 function call<T>(files: Untyped, method: string, ...args: unknown[]): Promise<T> {
-  const request = new Promise<T>((done, reject) =>
+  return new Promise<T>((done, reject) => {
+    if (files.gone) return reject(files.gone); // the SSH connection ended: nothing would answer
     files[method](...args, (error: Untyped, result: T) => {
       if (!error) return done(result);
       const what = typeof args[0] === "string" ? ` ${args[0]}` : "";
       const reason = String(error.message).replace(/^E[A-Z]+: ([^,]+).*$/s, "$1"); // node:fs
       reject(Object.assign(new UserError(`Cannot ${method}${what}: ${reason}`), { reason, error }));
-    })
-  );
-  return files.lost ? Promise.race([request, files.lost.then(fail)]) : request; // ssh is gone
+    });
+  });
 }
 
 /** A Store on ssh2's SFTP calls, or node:fs's (the same API) for a local folder. ssh2 sends the
@@ -420,16 +420,14 @@ async function connectSsh(destination: string, port: string, options: Options) {
   const outgoing = { id: 0, state: "open", window: Infinity, packetSize: Infinity }; // ssh's job
   const sftp = new SFTP({ _protocol: protocol }, { type: "sftp", outgoing }, {});
   sftp.on("error", () => {}); // a protocol error ends the channel; pending calls fail with it
-  sftp.lost = child.status.then(({ code }) => {
-    sftp.gone = true;
-    return new UserError(`The SSH connection to ${destination} ended (ssh exit code ${code})`);
-  });
+  const lost = new UserError(`The SSH connection to ${destination} ended`);
   const push = (data: Uint8Array) =>
     sftp.push(Buffer.from(data.buffer, data.byteOffset, data.length));
-  child.stdout.pipeTo(new WritableStream({ write: push }))
-    .catch(() => {}).finally(() => (sftp.gone = true, sftp.push(null))); // fails what is pending
+  const ended = child.stdout.pipeTo(new WritableStream({ write: push })).catch(() => {})
+    .then(() => (sftp.gone = lost, sftp.push(null))); // fails every request still pending
   sftp._init();
-  await Promise.race([new Promise((ready) => sftp.once("ready", ready)), sftp.lost.then(fail)]);
+  const ready = new Promise((resolve) => sftp.once("ready", resolve));
+  await Promise.race([ready, ended.then(() => fail(lost))]);
   return sftp;
 }
 
