@@ -8,7 +8,7 @@
  *   truncated, swapped, renamed or replayed object fails authentication before a byte of it
  *   reaches a final path: restore reproduces the snapshot or exits 3 naming what it could not
  *   verify. Nothing lands outside the target, or through a link found in it or in a local
- *   repository. Memory stays bounded whatever the server holds.
+ *   repository. Memory stays bounded whatever the stored objects hold.
  * Not hidden: the total size, number and Padmé-padded sizes of objects (so a changed file's size
  *   to ~12%), when backups run and how much changed. The server can delete the repository or
  *   withhold the newest snapshots, undetected.
