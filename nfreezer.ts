@@ -290,19 +290,19 @@ function gone(pid: number): boolean {
 
 /** At most maxBytes and maxCount tasks at once; add() and drain() rethrow the first failure. */
 function limiter(maxBytes: number, maxCount: number) {
-  const running = new Set<Promise<void>>();
-  let [bytes, failure] = [0, null as Error | null];
+  const running = new Map<Promise<void>, number>(); // each task and its bytes
+  const bytes = () => [...running.values()].reduce((sum, size) => sum + size, 0);
+  let failure: Error | null = null;
   async function add(size: number, task: () => Promise<unknown>) {
-    while (running.size && (running.size >= maxCount || bytes + size > maxBytes)) {
-      await Promise.race(running);
+    while (running.size && (running.size >= maxCount || bytes() + size > maxBytes)) {
+      await Promise.race(running.keys());
     }
     if (failure) throw failure;
-    bytes += size;
     const promise: Promise<void> = task().then(() => {}, (error) => void (failure ??= error))
-      .finally(() => (bytes -= size, running.delete(promise)));
-    running.add(promise);
+      .finally(() => running.delete(promise));
+    running.set(promise, size);
   }
-  return { add, drain: async () => (await Promise.all(running), failure && fail(failure)) };
+  return { add, drain: () => Promise.all(running.keys()).then(() => failure && fail(failure)) };
 }
 
 // ---- Storage (§1, §7): one interface; an SFTP server or a local folder behind it --------------
@@ -316,7 +316,7 @@ const isMissing = (error: Untyped) => ["ENOENT", "ENOTDIR", 2].includes(error?.c
 /** A callback call (ssh2 SFTP or node:fs) as a promise that fails with a one-line UserError. */
 function call<T>(files: Untyped, method: string, ...args: unknown[]): Promise<T> {
   return new Promise<T>((done, reject) => {
-    if (files.gone) return reject(files.gone); // the SSH connection ended: nothing would answer
+    if (files.readable === false) return reject(files.lost); // ssh2: the connection has ended
     files[method](...args, (error: Untyped, result: T) => {
       if (!error) return done(result);
       const what = typeof args[0] === "string" ? ` ${args[0]}` : "";
@@ -350,7 +350,7 @@ function makeStore(files: Untyped, root: string, close = () => {}) {
     /** The whole object, of the size given (else its own, SMALL_OBJECT_BYTES at most). */
     read: (name: string, size?: number): Promise<Bytes> =>
       read(name, size).catch((error) => {
-        if (files.gone) throw error; // the connection failed, not the repository
+        if (files.readable === false) throw error; // the connection failed, not the repository
         const reason = isMissing(error.error) ? "it is missing" : error.reason ?? error.message;
         throw new UserError(`Cannot read ${name}: ${reason}`, 3);
       }),
@@ -420,14 +420,14 @@ async function connectSsh(destination: string, port: string, options: Options) {
   const outgoing = { id: 0, state: "open", window: Infinity, packetSize: Infinity }; // ssh's job
   const sftp = new SFTP({ _protocol: protocol }, { type: "sftp", outgoing }, {});
   sftp.on("error", () => {}); // a protocol error ends the channel; pending calls fail with it
-  const lost = new UserError(`The SSH connection to ${destination} ended`);
+  sftp.lost = new UserError(`The SSH connection to ${destination} ended`); // see call()
   const push = (data: Uint8Array) =>
     sftp.push(Buffer.from(data.buffer, data.byteOffset, data.length));
   const ended = child.stdout.pipeTo(new WritableStream({ write: push })).catch(() => {})
-    .then(() => (sftp.gone = lost, sftp.push(null))); // fails every request still pending
+    .then(() => sftp.push(null)); // fails every request still pending, and all that follow
   sftp._init();
   const ready = new Promise((resolve) => sftp.once("ready", resolve));
-  await Promise.race([ready, ended.then(() => fail(lost))]);
+  await Promise.race([ready, ended.then(() => fail(sftp.lost))]);
   return sftp;
 }
 
