@@ -24,7 +24,7 @@ case $CASE in
   *) echo "usage: $0 big [SIZE_MIB] [RUNS] | small [RUNS]" >&2; exit 2 ;;
 esac
 HERE=$(cd "$(dirname "$0")/.." && pwd)
-WORK=$(mktemp -d /tmp/nfreezer-bench.XXXXXX)
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/nfreezer-bench.XXXXXX") # TMPDIR=/dev/shm: no disk in the timings
 SSHD_PID='' PROXY_PID=''
 trap 'kill $SSHD_PID $PROXY_PID 2>/dev/null || true; rm -rf "$WORK"' EXIT
 trap 'echo "$0: line $LINENO failed" >&2' ERR
@@ -81,7 +81,8 @@ MARKER=$(cd "$WORK/data" && find . -type f | sort | awk 'NR == 1' | cut -c3-) # 
 
 NFREEZER_TS=${NFREEZER_TS:-$HERE/nfreezer.ts}
 deno cache --quiet "$NFREEZER_TS"
-NF="deno run -A $NFREEZER_TS"
+# nfreezer runs as its first line runs it (./nfreezer.ts, and the compiled binary): with its V8 flags
+NF="deno run -A $(head -1 "$NFREEZER_TS" | grep -o -- '--v8-flags=[^ ]*' || true) $NFREEZER_TS"
 NF_REPO="sftp://$USER_NAME@127.0.0.1:$PORT$WORK/remote/nfreezer"
 NF_OPTS="-q -i $WORK/user_key --known-hosts $WORK/known_hosts"
 touch "$WORK/rclone.conf"
