@@ -1,4 +1,4 @@
-#!/usr/bin/env -S deno run -A --v8-flags=--max-semi-space-size=4,--heap-growing-percent=20
+#!/usr/bin/env -S deno run -A --v8-flags=--max-semi-space-size=8,--heap-growing-percent=20
 /**
  * nfreezer.ts: encrypted-at-rest backups to an SFTP server or a local disk, in one auditable file.
  *   deno run -A nfreezer.ts backup ~/Documents user@host:/backups/docs      (--help for more)

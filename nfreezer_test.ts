@@ -2,7 +2,7 @@
 // real OpenSSH sshd started here on 127.0.0.1 with throwaway keys. Run: deno task test
 import assert from "node:assert/strict";
 import { createHash, randomBytes } from "node:crypto";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import { gzipSync } from "node:zlib";
 import { chunkId, openRepo, putJson, seal } from "./nfreezer.ts";
 
@@ -815,6 +815,14 @@ Deno.test("the command line: usage, --version, and errors that say what to do", 
       (await nfreezer(["--version"])).stdout,
       /^nfreezer \d+\.\d+\.\d+, repository format \d+\n$/,
     );
+    const PATH = `${dirname(Deno.execPath())}:${Deno.env.get("PATH")}`; // run as ./nfreezer.ts:
+    const direct = await new Deno.Command(TOOL, {
+      args: ["--version"],
+      env: { ...CHILD_ENV, PATH },
+    })
+      .output(); // its first line's V8 flags must be ones this Deno accepts
+    assert.equal(direct.code, 0, new TextDecoder().decode(direct.stderr));
+    assert.match(new TextDecoder().decode(direct.stdout), /^nfreezer \d+\.\d+\.\d+, repository/);
     const missing = await nfreezer(["backup", join(work, "no-such-source"), join(work, "repo")]);
     assertOneLineError(missing, 1, /No such file or directory.*no-such-source/);
     Deno.writeTextFileSync(join(work, "file"), "x");
