@@ -43,7 +43,7 @@ const HEADER_BYTES = MAGIC.length + SALT_BYTES; // §3
 const CHUNK_BYTES = 4 * 2 ** 20; // §4: the unit of dedup, of resume and of memory use
 const SMALL_OBJECT_BYTES = 64 * 1024; // §2, §6, §8: a few hundred bytes; larger is refused unread
 const IN_FLIGHT_BYTES = 12 * 2 ** 20; // chunk bytes sealed, sent or fetched at once (RSS)
-const IN_FLIGHT_COUNT = 256; // objects at once: hides the ~6 round trips each small one costs
+const IN_FLIGHT_COUNT = 96; // objects at once, hiding round trips; gesftpserver has 128 handles
 const LEFTOVER = /^\..+\.nfreezer-[0-9a-f]{8}$/; // a killed restore's temporary file
 
 /** What a user sees: one line, a hint, an exit code (1 error, 2 usage, 3 integrity). */
@@ -469,16 +469,16 @@ function scanTree(root: string, excludes: string[], ui: Ui): Entry[] {
 /** Chunks one file; null if it kept changing while read: never stored half old, half new. */
 async function storeFile(path: string, entry: Entry, put: (chunk: Bytes) => Promise<string>) {
   for (let attempt = 0; attempt < 3; attempt++) {
-    using file = Deno.openSync(path); // synchronous: a fraction of the JS-thread time per file
-    const { size, mtime } = file.statSync();
+    using file = await Deno.open(path);
+    const { size, mtime } = await file.stat();
     const chunks: string[] = [];
     for (let offset = 0; offset < size; offset += CHUNK_BYTES) {
       const chunk = new Uint8Array(Math.min(CHUNK_BYTES, size - offset));
       let done = 0; // at the end of the file (it shrank: the stat below notices) the rest stays 0
-      while (done < chunk.length) done += file.readSync(chunk.subarray(done)) ?? chunk.length;
+      while (done < chunk.length) done += await file.read(chunk.subarray(done)) ?? chunk.length;
       chunks.push(await put(chunk));
     }
-    const after = file.statSync();
+    const after = await file.stat();
     const same = after.size === size && after.mtime!.getTime() === mtime!.getTime();
     if (same) return { ...entry, size, mtime: mtime!.getTime(), chunks };
   }
@@ -551,13 +551,13 @@ async function restoreFile(repo: Repo, path: string, temporary: string, entry: E
   const same = info?.isFile && info.mtime?.getTime() === entry.mtime && info.size === entry.size;
   const found = same && (info.mode! & 0o7777) === entry.mode && await storeFile(path, entry, hash);
   if (found && found.chunks.join() === entry.chunks!.join()) return undefined;
-  using file = Deno.openSync(temporary, { write: true, createNew: true, mode: 0o600 });
+  using file = await Deno.open(temporary, { write: true, createNew: true, mode: 0o600 });
   for await (const chunk of chunksOf(repo, entry as Content)) {
-    for (let done = 0; done < chunk.length;) done += file.writeSync(chunk.subarray(done));
+    for (let done = 0; done < chunk.length;) done += await file.write(chunk.subarray(done));
   }
-  Deno.chmodSync(temporary, entry.mode); // local calls are synchronous: cheaper per small file
-  Deno.utimeSync(temporary, time, time);
-  Deno.renameSync(temporary, path);
+  await Deno.chmod(temporary, entry.mode);
+  await Deno.utime(temporary, time, time);
+  await Deno.rename(temporary, path);
   return entry.size;
 }
 

@@ -1120,7 +1120,9 @@ async function otherServerScenario(server: Sshd, base: string) {
     Deno.writeFileSync(join(source, "big.bin"), randomBytes(5 * MiB + 7));
     Deno.writeTextFileSync(join(source, "sub", "small.txt"), "small\n");
     Deno.symlinkSync("sub/small.txt", join(source, "link"));
-    await ok(["backup", source, ...repo]);
+    Deno.mkdirSync(join(source, "many"));
+    for (let i = 0; i < 400; i++) Deno.writeTextFileSync(join(source, "many", `${i}`), `${i}\n`);
+    await ok(["backup", source, ...repo]); // many objects in flight: within the server's handles
     const first = treeState(source);
     Deno.writeTextFileSync(join(source, "sub", "small.txt"), "changed\n");
     Deno.writeFileSync(join(source, "more.bin"), randomBytes(300_000));
