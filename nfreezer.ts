@@ -1,7 +1,8 @@
 #!/usr/bin/env -S deno run -A --v8-flags=--max-semi-space-size=8,--heap-growing-percent=20
 /**
  * nfreezer.ts: encrypted-at-rest backups to an SFTP server or a local disk, in one auditable file.
- *   deno run -A nfreezer.ts backup ~/Documents user@host:/backups/docs      (--help for more)
+ *   deno run -A nfreezer.ts init user@host:/backups/docs              (--help for the rest)
+ *   deno run -A nfreezer.ts backup ~/Documents user@host:/backups/docs
  * THREAT MODEL. Trusted: this machine, the passphrase, the user's OpenSSH client and known_hosts.
  * Untrusted: the storage server, anyone who can write to the repository, the network, and what a
  *   restore target already holds.
@@ -12,23 +13,24 @@
  *   repository. Memory stays bounded whatever the stored objects hold.
  * Not hidden: the total size, number and Padmé-padded sizes of objects (so a changed file's size
  *   to ~12%), when backups run and how much changed. The server can delete the repository or
- *   withhold the newest snapshots, undetected.
+ *   withhold the newest snapshots, undetected. A local user who can write to a folder above or
+ *   inside a restore target can still redirect that restore (README: Threat model).
  * FORMAT 2: §1 layout, §2 config, §3 objects, §4 chunks, §5 manifest, §6 snapshots, §7 writes,
- * §8 locks, cited in the code; the README's Format section has each in full, to write and to read.
+ * §8 locks, §9 forget, cited in the code; the README's Format section has each in full.
  */
 
 import { Buffer } from "node:buffer";
 import { scryptSync } from "node:crypto";
 import fs from "node:fs";
-import { lutimes } from "node:fs/promises";
+import { lutimes, open as openFile } from "node:fs/promises";
 import { hostname } from "node:os";
-import { basename, dirname, join, matchesGlob, resolve } from "node:path";
+import { join, matchesGlob, resolve } from "node:path";
 import process from "node:process";
 import { parseArgs } from "node:util";
 import { gunzipSync, gzipSync } from "node:zlib";
 import { SFTP } from "npm:ssh2@1.17.0/lib/protocol/SFTP.js";
 
-const VERSION = "0.3.0";
+const VERSION = "0.4.0";
 const FORMAT = 2; // §2 (1 was the pre-release format)
 const SCRYPT = { log2N: 17, r: 8, p: 1 }; // §2: ~0.6 s and 128 MiB on our machines
 const SCRYPT_MAX_BYTES = 256 * 2 ** 20; // §2: a config may not make us allocate more
@@ -41,27 +43,32 @@ const NONCE_BYTES = 12; // §2, §3: AES-GCM
 const TAG_BYTES = 16; // §2, §3: AES-GCM
 const HEADER_BYTES = MAGIC.length + SALT_BYTES; // §3
 const CHUNK_BYTES = 4 * 2 ** 20; // §4: the unit of dedup, of resume and of memory use
+const MANIFEST_MAX_BYTES = 256 * 2 ** 20; // §5: its JSON and its gzip, when written and read
 const SMALL_OBJECT_BYTES = 64 * 1024; // §2, §6, §8: a few hundred bytes; larger is refused unread
-const IN_FLIGHT_BYTES = 12 * 2 ** 20; // chunk bytes sealed, sent or fetched at once (RSS)
-const IN_FLIGHT_COUNT = 96; // objects at once, hiding round trips; gesftpserver has 128 handles
-const LEFTOVER = /^\..+\.nfreezer-[0-9a-f]{8}$/; // a killed restore's temporary file
+const IN_FLIGHT_BYTES = 12 * 2 ** 20; // chunk bytes sealed, sent or fetched at once (memory)
+const IN_FLIGHT_MAX = 256; // objects at once, hiding round trips (measured: more gains nothing)
+const IN_FLIGHT_UNANNOUNCED = 96; // a server that announces no handle limit (gesftpserver: 128)
+const RESTORED_MODE_BITS = 0o1777; // never setuid or setgid: owners are not restored
+const SCRATCH_PREFIX = ".nfreezer-restore-"; // restore's private 0700 folder inside the target
+const CONNECT_TIMEOUT_SECONDS = 20; // for ssh: an unreachable host fails instead of hanging
+const STATUS_EVERY_MS = 1000; // the progress line is redrawn at most this often
 
 /** What a user sees: one line, a hint, an exit code (1 error, 2 usage, 3 integrity). */
 class UserError extends Error {
-  constructor(message: string, readonly exitCode = 1, readonly hint = "") {
-    super(message);
+  constructor(message: string, readonly exitCode = 1, readonly hint = "", cause?: unknown) {
+    super(message, { cause });
   }
 }
+
 const damaged = (what: string) => new UserError(`${what} is corrupted or tampered with`, 3);
-const fail = (error: Error): never => {
-  throw error;
-};
+const isDamage = (error: unknown) => error instanceof UserError && error.exitCode === 3;
+
 function parseJson(bytes: Uint8Array, what: string, gzipped = false) {
   try {
-    const text = gzipped ? gunzipSync(bytes, { maxOutputLength: 2 ** 28 }) : bytes; // no gzip bomb
+    const text = gzipped ? gunzipSync(bytes, { maxOutputLength: MANIFEST_MAX_BYTES }) : bytes;
     return JSON.parse(new TextDecoder().decode(text));
   } catch {
-    throw damaged(what);
+    throw damaged(what); // not JSON, or a gzip bomb
   }
 }
 
@@ -90,14 +97,13 @@ function deriveKek(passphrase: string, kdf: Record<string, number>, salt: Bytes)
   return subtle.importKey("raw", new Uint8Array(kek), "AES-GCM", false, ["encrypt", "decrypt"]);
 }
 
-/** §2: a new random master key, wrapped under the passphrase. */
-async function createConfig(passphrase: string): Promise<{ config: string; keys: Keys }> {
-  const [salt, nonce, master] = [random(SALT_BYTES), random(NONCE_BYTES), random(2 * KEY_BYTES)];
+/** §2: the config that wraps master (64 bytes) under the passphrase. */
+async function wrapMaster(passphrase: string, master: Bytes, salt: Bytes, nonce: Bytes) {
   const kek = await deriveKek(passphrase, SCRYPT, salt);
   const wrapped = new Uint8Array(await subtle.encrypt(gcm(nonce, CONFIG_AAD), kek, master));
   const kdf = { ...SCRYPT, salt: base64(salt) };
   const config = { format: FORMAT, kdf, nonce: base64(nonce), keys: base64(wrapped) };
-  return { config: JSON.stringify(config, null, 2), keys: await importKeys(master) };
+  return JSON.stringify(config, null, 2);
 }
 
 /** §2: unwraps the master key; a wrong passphrase is told apart from a malformed config. */
@@ -108,12 +114,14 @@ async function unlockConfig(bytes: Uint8Array, passphrase: string): Promise<Keys
   const sizes = [salt.length, nonce.length, wrapped.length - TAG_BYTES].join();
   if (sizes !== [SALT_BYTES, NONCE_BYTES, 2 * KEY_BYTES].join()) throw damaged("The config");
   const kek = await deriveKek(passphrase, config.kdf, salt);
-  const master = await subtle.decrypt(gcm(nonce, CONFIG_AAD), kek, wrapped).catch(() => {
+  const master = await subtle.decrypt(gcm(nonce, CONFIG_AAD), kek, wrapped).catch(() => null);
+  if (master === null) {
     throw new UserError("Wrong passphrase", 1, "if it is right, the repository config was altered");
-  });
+  }
   return importKeys(new Uint8Array(master));
 }
 
+/** §2: encKey = master[0:32] (HKDF input only), idKey = master[32:64] (HMAC only). */
 async function importKeys(master: Bytes): Promise<Keys> {
   const [enc, id] = [master.slice(0, KEY_BYTES), master.slice(KEY_BYTES)];
   return {
@@ -129,7 +137,9 @@ function padme(length: number): number {
   const step = 2 ** (exponent - Math.floor(Math.log2(exponent)) - 1);
   return Math.ceil(length / step) * step;
 }
-const sealedBytes = (length: number) => HEADER_BYTES + 4 + padme(length) + TAG_BYTES; // §3
+
+/** §3: the stored size of an object holding `length` bytes: header, u32be(L), padded, tag. */
+const sealedBytes = (length: number) => HEADER_BYTES + 4 + padme(length) + TAG_BYTES;
 
 /** §3: K = HKDF-SHA-256(ikm = encKey, salt, info = OBJECT_INFO || name). */
 function objectKey(keys: Keys, salt: Uint8Array, name: string): Promise<CryptoKey> {
@@ -140,12 +150,11 @@ function objectKey(keys: Keys, salt: Uint8Array, name: string): Promise<CryptoKe
 
 /** §3: "NFZ1" || salt || AES-256-GCM(K, 0^12, u32be(L) || content || padding). The salt is
  * fresh, so K is too, and K seals only this payload: the fixed nonce never repeats under a key.
- * The name is bound into K: an object moved to another name (a swap, a replay) fails to open. */
-async function seal(keys: Keys, name: string, content: Uint8Array): Promise<Bytes> {
+ * The name (with its folder: "data/…") is bound into K: an object moved to another name fails. */
+async function seal(keys: Keys, name: string, content: Uint8Array, salt = random(SALT_BYTES)) {
   const payload = new Uint8Array(4 + padme(content.length));
   new DataView(payload.buffer).setUint32(0, content.length);
   payload.set(content, 4);
-  const salt = random(SALT_BYTES);
   const sealed = await subtle.encrypt(gcm(ZERO_NONCE), await objectKey(keys, salt, name), payload);
   return Buffer.concat([utf8(MAGIC), salt, new Uint8Array(sealed)]);
 }
@@ -157,8 +166,9 @@ async function unseal(keys: Keys, name: string, object: Bytes): Promise<Bytes> {
   const key = await objectKey(keys, object.subarray(MAGIC.length, HEADER_BYTES), name);
   const sealed = object.subarray(HEADER_BYTES);
   const payload = await subtle.decrypt(gcm(ZERO_NONCE), key, sealed).catch(() => null);
-  const length = payload ? new DataView(payload).getUint32(0) : Infinity;
-  if (!payload || 4 + length > payload.byteLength) throw damaged(name);
+  if (payload === null) throw damaged(name);
+  const length = new DataView(payload).getUint32(0);
+  if (4 + length > payload.byteLength) throw damaged(name);
   return new Uint8Array(payload, 4, length);
 }
 
@@ -167,23 +177,26 @@ async function chunkId(keys: Keys, chunk: Bytes): Promise<string> {
   return hex(new Uint8Array(await subtle.sign("HMAC", keys.idKey, chunk)));
 }
 
-// ---- Repository objects (§4–§8): everything read is checked before it is used ----------------
+// ---- Repository objects (§4–§9): everything read is checked before it is used ----------------
 
 type Repo = { store: Store; keys: Keys };
 type Content = { size: number; chunks: string[] }; // §4: a file's or a manifest's chunks
-type Meta = { path: string; type: "file" | "dir" | "symlink"; mode: number; mtime: number };
-type Entry = Meta & Partial<Content> & { target?: string }; // §5
-type Snapshot = { id: string; time: string; host: string; source: string; parent?: string } & {
-  manifest: Content;
+type Entry = { path: string; type: "file" | "dir" | "symlink"; mode: number; mtime: number } & {
+  size?: number; // a file's, with its chunks (§5)
+  chunks?: string[];
+  target?: string; // a symlink's
 };
+type Snapshot = { id: string; time: string; host: string; source: string; manifest: Content };
 const isHex = (text: unknown, length: number) =>
   typeof text === "string" && text.length === length && /^[0-9a-f]*$/.test(text);
-const chunkBytes = (content: Content, index: number) =>
-  Math.min(CHUNK_BYTES, content.size - index * CHUNK_BYTES);
-const isContent = ({ size, chunks }: Content) =>
-  Number.isSafeInteger(size) && size >= 0 && Array.isArray(chunks) &&
-  chunks.length === Math.ceil(size / CHUNK_BYTES) && chunks.every((id) => isHex(id, 64));
 const parentOf = (path: string) => path.slice(0, Math.max(0, path.lastIndexOf("/")));
+
+/** §4: a size, and as many 64-hex chunk ids as that size needs. */
+function isContent(value: unknown): value is Content {
+  const { size, chunks } = (typeof value === "object" && value) as Content;
+  if (!Number.isSafeInteger(size) || size < 0 || !Array.isArray(chunks)) return false;
+  return chunks.length === Math.ceil(size / CHUNK_BYTES) && chunks.every((id) => isHex(id, 64));
+}
 
 async function putJson(repo: Repo, name: string, value: unknown): Promise<void> {
   await repo.store.write(name, await seal(repo.keys, name, utf8(JSON.stringify(value))));
@@ -193,266 +206,412 @@ async function getJson(repo: Repo, name: string) {
   return parseJson(await unseal(repo.keys, name, await repo.store.read(name)), name);
 }
 
-/** §4: a chunk is handed out only once it is authenticated and matches its id and length. */
-async function loadChunk(repo: Repo, id: string, length: number): Promise<Bytes> {
-  const name = `data/${id}`;
-  const chunk = await unseal(repo.keys, name, await repo.store.read(name, sealedBytes(length)));
-  if (chunk.length === length && await chunkId(repo.keys, chunk) === id) return chunk;
-  throw damaged(`Chunk ${id}`);
-}
-
-/** §4: the chunks of a file or manifest in order, each authenticated before it is handed out. */
+/** §4: the chunks of a file or manifest in order, each handed out only once it is authenticated
+ * and matches its id and its length (which follows from the size and the chunk's index). */
 async function* chunksOf(repo: Repo, content: Content): AsyncGenerator<Bytes> {
-  for (const [at, id] of content.chunks.entries()) {
-    yield loadChunk(repo, id, chunkBytes(content, at));
+  for (const [index, id] of content.chunks.entries()) {
+    const [name, length] = [
+      `data/${id}`,
+      Math.min(CHUNK_BYTES, content.size - index * CHUNK_BYTES),
+    ];
+    const chunk = await unseal(repo.keys, name, await repo.store.read(name, sealedBytes(length)));
+    if (chunk.length !== length || await chunkId(repo.keys, chunk) !== id) throw damaged(name);
+    yield chunk;
   }
 }
 
-/** §5: every field of every entry is checked; paths are unique, relative, and each sits in a
- * folder entry: no entry can land outside the target, under a link, or be written twice. */
-function checkEntries(entries: Entry[], what: string): Entry[] {
+/** §5: one entry's fields, each of the right type whatever JSON a forger wrote. */
+function isEntry(entry: Entry): boolean {
+  const { path, mode, mtime, type, target } = (typeof entry === "object" && entry) as Entry;
+  if (typeof path !== "string" || !path.isWellFormed() || path.includes("\0")) return false;
+  const parts = path.split("/");
+  if (path !== "" && parts.some((part) => ["", ".", ".."].includes(part))) return false;
+  if (!Number.isInteger(mode) || mode < 0 || mode > 0o7777 || !Number.isFinite(mtime)) return false;
+  if (type === "file") return isContent(entry);
+  if (type === "symlink") return typeof target === "string" && target !== "" && !/\0/.test(target);
+  return type === "dir";
+}
+
+/** §5: the manifest is refused whole unless the root folder "" comes first, every entry is well
+ * formed, no path repeats, and each entry's parent is an earlier folder entry: so no entry can
+ * land outside the target, under a link or a file, or be written twice. */
+async function loadManifest(repo: Repo, snapshot: Snapshot): Promise<Entry[]> {
+  const packed = new Uint8Array(snapshot.manifest.size); // at most MANIFEST_MAX_BYTES (§6)
+  let filled = 0;
+  for await (const chunk of chunksOf(repo, snapshot.manifest)) {
+    packed.set(chunk, filled);
+    filled += chunk.length;
+  }
+  const what = `The manifest of snapshot ${snapshot.id}`;
+  const entries = parseJson(packed, what, true);
+  if (!Array.isArray(entries) || entries[0]?.path !== "" || entries[0]?.type !== "dir") {
+    throw damaged(what);
+  }
   const types = new Map<string, string>();
-  for (const entry of Array.isArray(entries) ? entries : [{} as Entry]) {
-    const { path, type, mode, mtime, target } = entry ?? {};
-    const parts = typeof path === "string" ? path.split("/") : [""];
-    const named = path === "" || parts.every((part) => !["", ".", ".."].includes(part));
-    const placed = path === "" ? type === "dir" : types.get(parentOf(`${path}`)) === "dir";
-    const fields = Number.isInteger(mode) && mode >= 0 && mode <= 0o7777 && Number.isFinite(mtime);
-    const typed = type === "dir" || (type === "file" && isContent(entry as Content)) ||
-      (type === "symlink" && typeof target === "string" && target !== "");
-    const clean = !`${path}${target ?? ""}`.includes("\0") && !types.has(path);
-    if (!(named && placed && fields && typed && clean)) throw damaged(`${what} (at ${path})`);
-    types.set(path, type);
+  for (const entry of entries) {
+    const placed = entry?.path === "" || types.get(parentOf(entry?.path)) === "dir";
+    if (!isEntry(entry) || types.has(entry.path) || !placed) {
+      throw damaged(`${what} at ${entry?.path}`);
+    }
+    types.set(entry.path, entry.type);
   }
   return entries;
 }
 
-async function loadManifest(repo: Repo, snapshot: Snapshot): Promise<Entry[]> {
-  const parts = [];
-  for await (const part of chunksOf(repo, snapshot.manifest)) parts.push(part);
-  const what = `The manifest of snapshot ${snapshot.id}`;
-  return checkEntries(parseJson(Buffer.concat(parts), what, true), what);
-}
-
-/** §6: the snapshots that open, oldest first, 32 at a time; a damaged one is named, not fatal. */
-async function listSnapshots(repo: Repo, ui: Ui) {
-  const ids = (await repo.store.list("snapshots")).filter((id) => isHex(id, 16));
+/** §6: the snapshots that open, oldest first (read 32 at once); one that does not open is named
+ * as a problem (exit 3 at the end) and skipped. */
+async function listSnapshots(repo: Repo, ui: Ui): Promise<Snapshot[]> {
+  const ids = (await repo.store.list("snapshots")).map((item) => item.name);
+  const snapshots: Snapshot[] = [];
   const open = async (id: string) => {
-    const value = await getJson(repo, `snapshots/${id}`);
-    const named = ["time", "host", "source"].every((key) => typeof value?.[key] === "string");
-    return named && isContent(value.manifest) ? { ...value, id } : fail(damaged(`Snapshot ${id}`));
+    try {
+      const value = await getJson(repo, `snapshots/${id}`);
+      const named = ["time", "host", "source"].every((key) => typeof value?.[key] === "string");
+      const sized = isContent(value?.manifest) && value.manifest.size <= MANIFEST_MAX_BYTES;
+      if (!named || !sized) throw damaged(`Snapshot ${id}`);
+      snapshots.push({ ...value, id });
+    } catch (error) {
+      if (!isDamage(error)) throw error; // a lost connection is not a damaged snapshot
+      ui.problem(`skipped snapshot ${id}: ${(error as Error).message}`, 3);
+    }
   };
-  const tryOpen = (id: string) => open(id).catch((error) => ui.damaged(error, "skipped"));
-  const snapshots: (Snapshot | undefined)[] = [];
-  for (let at = 0; at < ids.length; at += 32) {
-    snapshots.push(...await Promise.all(ids.slice(at, at + 32).map(tryOpen)));
+  const named = ids.filter((id) => isHex(id, 16));
+  for (let at = 0; at < named.length; at += 32) {
+    await Promise.all(named.slice(at, at + 32).map(open));
   }
-  const opened = snapshots.filter((item) => item !== undefined);
-  opened.sort((a, b) => a.time.localeCompare(b.time));
-  return { snapshots: opened, damaged: ids.length - opened.length };
+  return snapshots.sort((a, b) => a.time.localeCompare(b.time));
 }
 
 /** §6: the snapshot named by a unique id prefix, else the newest. */
 async function findSnapshot(repo: Repo, ui: Ui, prefix = ""): Promise<Snapshot> {
-  const { snapshots, damaged } = await listSnapshots(repo, ui);
-  const matches = snapshots.filter((snapshot) => snapshot.id.startsWith(prefix));
+  const matches = (await listSnapshots(repo, ui)).filter((item) => item.id.startsWith(prefix));
   if (prefix && matches.length > 1) throw new UserError(`${matches.length} ids start ${prefix}`);
-  const none = new UserError(prefix ? `No snapshot ${prefix}` : "No snapshots", damaged ? 3 : 1);
-  return matches.at(-1) ?? fail(none);
+  if (matches.length > 0) return matches[matches.length - 1];
+  throw new UserError(prefix ? `No snapshot ${prefix}` : "No snapshots", ui.exitCode);
 }
 
-/** §8: runs a backup holding a lock. A lock of this host whose process is gone is stale and
- * removed; with no other lock left, no other run can be writing, and tmp/ is emptied (§7). */
-async function withLock<T>(repo: Repo, work: () => Promise<T>) {
+/** §8: runs work holding a lock, shared (backup) or exclusive (forget). Every run writes its lock
+ * before it reads the others, so of two that start together each sees the other. A lock of this
+ * host whose process is gone is stale and removed; any other counts, even one that does not open.
+ * With no other lock left no other run can be writing, and tmp/ is emptied (§7). */
+async function withLock<T>(repo: Repo, exclusive: boolean, work: () => Promise<T>): Promise<T> {
   const own = hex(random(8));
-  await putJson(repo, `locks/${own}`, { host: hostname(), pid: Deno.pid });
+  await putJson(repo, `locks/${own}`, { host: hostname(), pid: Deno.pid, exclusive });
   try {
-    let others = 0;
-    for (const id of (await repo.store.list("locks")).filter((id) => isHex(id, 16) && id !== own)) {
-      const lock = await getJson(repo, `locks/${id}`).catch(() => null); // gone, or not ours
-      if (lock?.host === hostname() && gone(lock.pid)) await repo.store.remove(`locks/${id}`);
-      else others++;
+    const others = [];
+    for (const { name: id } of await repo.store.list("locks")) {
+      if (!isHex(id, 16) || id === own) continue;
+      const lock = await getJson(repo, `locks/${id}`).catch(async () => {
+        if (!await repo.store.exists(`locks/${id}`)) return null; // released meanwhile
+        return { host: "an unknown host", exclusive: true };
+      });
+      if (lock === null) continue;
+      if (lock.host === hostname() && isGone(lock.pid)) await repo.store.remove(`locks/${id}`);
+      else others.push({ id, host: String(lock.host), exclusive: lock.exclusive === true });
     }
-    const leftovers = others ? [] : await repo.store.list("tmp"); // §7: of runs that were killed
-    for (const id of leftovers.filter((id) => isHex(id, 16))) await repo.store.remove(`tmp/${id}`);
+    const blocking = exclusive ? others[0] : others.find((lock) => lock.exclusive);
+    if (blocking) {
+      const hint = `if nothing runs on ${blocking.host}, delete locks/${blocking.id} in it`;
+      const what = blocking.exclusive ? "forget" : "a backup";
+      throw new UserError(`The repository is in use by ${what} (lock ${blocking.id})`, 1, hint);
+    }
+    const leftovers = others.length === 0 ? await repo.store.list("tmp") : []; // §7: killed runs'
+    for (const { name } of leftovers.filter((item) => isHex(item.name, 16))) {
+      await repo.store.remove(`tmp/${name}`);
+    }
     return await work();
   } finally {
     await repo.store.remove(`locks/${own}`).catch(() => {});
   }
 }
 
-function gone(pid: number): boolean {
+function isGone(pid: unknown): boolean {
   try {
-    return !process.kill(pid, 0);
+    process.kill(Number(pid), 0);
+    return false;
   } catch (error) {
     return (error as Untyped).code === "ESRCH"; // EPERM: alive, another user's
   }
 }
 
-/** At most maxBytes and maxCount tasks at once; add() and drain() rethrow the first failure. */
-function limiter(maxBytes: number, maxCount: number) {
-  const running = new Map<Promise<void>, number>(); // each task and its bytes
-  const bytes = () => [...running.values()].reduce((sum, size) => sum + size, 0);
-  let failure: Error | null = null;
-  async function add(size: number, task: () => Promise<unknown>) {
-    while (running.size && (running.size >= maxCount || bytes() + size > maxBytes)) {
+/** Runs tasks at once, at most maxCount of them and maxBytes of their sizes together. The first
+ * failure is kept: add() and drain() throw it. */
+function makeLimiter(maxBytes: number, maxCount: number) {
+  const running = new Map<Promise<void>, number>(); // each running task and its size
+  const errors: unknown[] = [];
+  const runningBytes = () => [...running.values()].reduce((sum, size) => sum + size, 0);
+  const settle = async (task: () => Promise<unknown>) => {
+    await task().catch((error) => errors.push(error));
+  };
+  async function add(size: number, task: () => Promise<unknown>): Promise<void> {
+    while (running.size > 0 && (running.size >= maxCount || runningBytes() + size > maxBytes)) {
       await Promise.race(running.keys());
     }
-    if (failure) throw failure;
-    const promise: Promise<void> = task().then(() => {}, (error) => void (failure ??= error))
-      .finally(() => running.delete(promise));
+    if (errors.length > 0) throw errors[0];
+    const promise = settle(task);
     running.set(promise, size);
+    promise.then(() => running.delete(promise));
   }
-  return { add, drain: () => Promise.all(running.keys()).then(() => failure && fail(failure)) };
+  async function drain(): Promise<void> {
+    await Promise.all(running.keys());
+    if (errors.length > 0) throw errors[0];
+  }
+  return { add, drain };
 }
 
-// ---- Storage (§1, §7): one interface; an SFTP server or a local folder behind it --------------
+// ---- Storage (§1, §7): one Store over an SFTP server or a local folder ------------------------
 
-type Store = ReturnType<typeof makeStore>;
 // deno-lint-ignore no-explicit-any
-type Untyped = any; // ssh2's SFTP objects (npm:ssh2 ships no types) and node:fs callbacks
+type Untyped = any; // what ssh2 (it ships no types) and node:fs callbacks hand back
+type Done<T> = (error: Untyped, result: T) => void;
+type Handle = Untyped; // ssh2: a Buffer; node:fs: a file descriptor
+type Info = { isDirectory(): boolean; size: number };
+type Item = { filename: string; attrs: { size: number } };
+/** The callback calls a Store makes, as ssh2's SFTP client names them; a local folder has the
+ * same from node:fs (localConnection). The ext_openssh_ ones are OpenSSH extensions. */
+type Files = {
+  open(path: string, flags: "r" | "wx", attrs: { mode?: number }, done: Done<Handle>): void;
+  fstat(handle: Handle, done: Done<Info>): void;
+  read(handle: Handle, data: Buffer, at: 0, length: number, from: 0, done: Done<number>): void;
+  write(handle: Handle, data: Buffer, at: 0, length: number, from: 0, done: Done<number>): void;
+  ext_openssh_fsync(handle: Handle, done: Done<void>): void;
+  close(handle: Handle, done: Done<void>): void;
+  lstat(path: string, done: Done<Info>): void;
+  stat(path: string, done: Done<Info>): void;
+  readdir(path: string, done: Done<Item[]>): void;
+  mkdir(path: string, attrs: { mode: number }, done: Done<void>): void;
+  unlink(path: string, done: Done<void>): void;
+  rename(from: string, to: string, done: Done<void>): void; // fails if `to` exists (SFTP v3)
+  ext_openssh_rename(from: string, to: string, done: Done<void>): void; // replaces `to`
+};
+/** What a Store runs on: its calls, what they offer, how many objects may be in flight, and
+ * whether it has ended (then a failed read is not damage). */
+type Connection = { files: Files; name: string; local: boolean; inFlight: number } & {
+  posixRename: boolean; // has ext_openssh_rename
+  fsync: boolean; // has ext_openssh_fsync
+  isLost: () => boolean;
+  end: () => void;
+};
+type Store = ReturnType<typeof makeStore>;
 const FOLDERS = ["snapshots", "data", "locks", "tmp"]; // §1
 const isMissing = (error: Untyped) => ["ENOENT", "ENOTDIR", 2].includes(error?.code); // 2: SFTP's
 
-/** A callback call (ssh2 SFTP or node:fs) as a promise that fails with a one-line UserError. */
-function call<T>(files: Untyped, method: string, ...args: unknown[]): Promise<T> {
-  return new Promise<T>((done, reject) => {
-    if (files.readable === false) return reject(files.lost); // ssh2: the connection has ended
-    files[method](...args, (error: Untyped, result: T) => {
-      if (!error) return done(result);
-      const what = typeof args[0] === "string" ? ` ${args[0]}` : "";
-      const reason = String(error.message).replace(/^E[A-Z]+: ([^,]+).*$/s, "$1"); // node:fs
-      reject(Object.assign(new UserError(`Cannot ${method}${what}: ${reason}`), { reason, error }));
-    });
-  });
-}
-
-/** A Store on ssh2's SFTP calls, or node:fs's (the same API) for a local folder. ssh2 sends the
- * pieces of a read or write in order, as any SFTP server accepts; many objects hide round trips. */
-function makeStore(files: Untyped, root: string, close = () => {}) {
+/** A Store: objects read and written whole, by name, inside root. */
+function makeStore(connection: Connection, root: string) {
+  const { files } = connection;
   const path = (name: string) => name ? `${root}/${name}` : root;
-  const offers = (extension: string) => !files._extensions || extension in files._extensions;
-  const orNull = (error: Untyped) => isMissing(error.error) ? null : fail(error);
-  const stat = (name: string, how = "lstat") => call<Untyped>(files, how, path(name)).catch(orNull);
-  async function read(name: string, size?: number) {
-    const handle = await call(files, "open", path(name), "r", {});
+  /** One call as a promise; a failure is one line ("Cannot open x: reason"), its cause kept. */
+  function call<T>(action: string, name: string, start: (done: Done<T>) => void): Promise<T> {
+    return new Promise<T>((resolve, reject) => {
+      if (connection.isLost()) {
+        return reject(new UserError(`Lost the connection to ${connection.name}`));
+      }
+      start((error, result) => {
+        if (!error) return resolve(result);
+        const reason = String(error.message).replace(/^E[A-Z]+: ([^,]+).*$/s, "$1"); // node:fs
+        reject(new UserError(`Cannot ${action} ${name || root}: ${reason}`, 1, "", error));
+      });
+    });
+  }
+  async function lstat(name: string, full = path(name)): Promise<Info | null> {
     try {
-      const length = size ?? (await call<Untyped>(files, "fstat", handle)).size;
-      if (size === undefined && length > SMALL_OBJECT_BYTES) throw new Error("it is too large");
-      const buffer = Buffer.alloc(length);
-      const count = await call(files, "read", handle, buffer, 0, length, 0); // in pieces
-      if (count !== length) throw new Error("it is too short");
-      return new Uint8Array(buffer.buffer, buffer.byteOffset, length); // its own, unpooled buffer
+      return await call<Info>("open", name, (done) => files.lstat(full, done));
+    } catch (error) {
+      if (isMissing((error as UserError).cause)) return null;
+      throw error;
+    }
+  }
+  async function readWhole(name: string, size?: number): Promise<Bytes> {
+    const handle = await call<Handle>(
+      "open",
+      name,
+      (done) => files.open(path(name), "r", {}, done),
+    );
+    try {
+      const info = size ??
+        (await call<Info>("open", name, (done) => files.fstat(handle, done))).size;
+      if (size === undefined && info > SMALL_OBJECT_BYTES) throw new UserError("it is too large");
+      const buffer = Buffer.alloc(info); // its own memory, not a shared pool
+      const count = await call<number>("read", name, (done) => {
+        files.read(handle, buffer, 0, buffer.length, 0, done); // ssh2: in pieces, in order
+      });
+      if (count !== buffer.length) throw new UserError("it is too short");
+      return new Uint8Array(buffer.buffer, buffer.byteOffset, buffer.length);
     } finally {
-      call(files, "close", handle).catch(() => {}); // not waited for: one round trip less
+      files.close(handle, () => {}); // not waited for: one round trip less
+    }
+  }
+  /** Writes name, created exclusively (mode 0600), and syncs it; fails if name exists. */
+  async function create(name: string, object: Uint8Array): Promise<void> {
+    const data = Buffer.from(object.buffer, object.byteOffset, object.length);
+    const handle = await call<Handle>("create", name, (done) => {
+      files.open(path(name), "wx", { mode: 0o600 }, done);
+    });
+    try {
+      const written = await call<number>("write", name, (done) => {
+        files.write(handle, data, 0, data.length, 0, done);
+      });
+      if (written !== data.length) throw new UserError(`Only ${written} bytes of ${name} stored`);
+      if (connection.fsync) {
+        await call("sync", name, (done) => files.ext_openssh_fsync(handle, done));
+      }
+    } finally {
+      await call("close", name, (done) => files.close(handle, done));
     }
   }
   return {
-    /** The whole object, of the size given (else its own, SMALL_OBJECT_BYTES at most). */
-    read: (name: string, size?: number): Promise<Bytes> =>
-      read(name, size).catch((error) => {
-        if (files.readable === false) throw error; // the connection failed, not the repository
-        const reason = isMissing(error.error) ? "it is missing" : error.reason ?? error.message;
-        throw new UserError(`Cannot read ${name}: ${reason}`, 3);
-      }),
-    /** §7: to tmp/, synced, then renamed: a name never holds a partial object. */
-    async write(name: string, object: Uint8Array) {
-      const temporary = path(`tmp/${hex(random(8))}`);
-      const handle = await call(files, "open", temporary, "wx", { mode: 0o600 });
-      const data = Buffer.from(object.buffer, object.byteOffset, object.length);
+    root,
+    local: connection.local,
+    inFlight: connection.inFlight,
+    close: connection.end,
+    lstat,
+    create,
+    exists: async (name: string) => (await lstat(name)) !== null,
+    /** The whole object, of the size given (else its own, at most SMALL_OBJECT_BYTES). A failure
+     * is damage (exit 3), unless the connection has ended. */
+    async read(name: string, size?: number): Promise<Bytes> {
       try {
-        const written = await call<number>(files, "write", handle, data, 0, data.length, 0);
-        if (written !== data.length) throw new UserError(`Only ${written} bytes of ${name} stored`);
-        if (offers("fsync@openssh.com")) await call(files, "ext_openssh_fsync", handle);
-      } finally {
-        await call(files, "close", handle);
-      }
-      const rename = offers("posix-rename@openssh.com") ? "ext_openssh_rename" : "rename";
-      await call(files, rename, temporary, path(name)); // atomic; an older copy is replaced
-    },
-    exists: async (name: string) => (await stat(name)) !== null,
-    list: async (folder: string): Promise<string[]> =>
-      ((await call<Untyped[]>(files, "readdir", path(folder)).catch(orNull)) ?? []) // if none
-        .map((item) => item.filename),
-    remove: (name: string) => call(files, "unlink", path(name)),
-    /** §1: the root and its folders are real folders, made if `create`. */
-    async prepare(create: boolean) {
-      for (const folder of ["", ...FOLDERS]) { // a link could lead writes and deletes elsewhere
-        const [info, code] = [await stat(folder, folder ? "lstat" : "stat"), folder ? 3 : 1];
-        if (!info && create) await call(files, "mkdir", path(folder), { mode: 0o700 });
-        else if (!info?.isDirectory()) throw new UserError(`${path(folder)} is not a folder`, code);
+        return await readWhole(name, size);
+      } catch (error) {
+        if (!(error instanceof UserError) || connection.isLost()) throw error;
+        const reason = isMissing(error.cause) ? "it is missing" : error.message;
+        throw new UserError(`Cannot read ${name}: ${reason}`, 3);
       }
     },
-    close,
+    /** §7: to tmp/ (created exclusively), synced, then renamed: a name never holds a part. */
+    async write(name: string, object: Uint8Array): Promise<void> {
+      const [temporary, final] = [`tmp/${hex(random(8))}`, path(name)];
+      await create(temporary, object);
+      await call("rename", temporary, (done) => {
+        if (connection.posixRename) files.ext_openssh_rename(path(temporary), final, done);
+        else files.rename(path(temporary), final, done);
+      });
+    },
+    /** The names and sizes in a folder; none if there is no such folder. */
+    async list(folder: string): Promise<{ name: string; size: number }[]> {
+      if ((await lstat(folder)) === null) return [];
+      const items = await call<Item[]>("list", folder, (done) => files.readdir(path(folder), done));
+      return items.map((item) => ({ name: item.filename, size: item.attrs.size }));
+    },
+    remove: (name: string) => call("delete", name, (done) => files.unlink(path(name), done)),
+    /** mkdir -p of the root (mode 0700), then §1's folders in it. */
+    async makeFolders(): Promise<void> {
+      const parts = root.split("/");
+      const above = parts.map((_part, index) => parts.slice(0, index + 1).join("/"));
+      for (const folder of [...above, ...FOLDERS.map(path)]) {
+        if (folder === "" || folder === "." || await lstat(folder, folder) !== null) continue;
+        await call("create", folder, (done) => files.mkdir(folder, { mode: 0o700 }, done));
+      }
+    },
+    /** §7: a local folder is synced after renames into it, so they survive a power cut. */
+    syncFolder(folder: string): void {
+      if (!connection.local) return; // a server's file system decides
+      const handle = fs.openSync(path(folder), O_RDONLY | O_DIRECTORY | O_NOFOLLOW);
+      fs.fsyncSync(handle);
+      fs.closeSync(handle);
+    },
   };
 }
-const { O_RDONLY, O_WRONLY, O_CREAT, O_EXCL, O_NOFOLLOW, O_NONBLOCK } = fs.constants;
-const LOCAL_FILES = {
-  ...fs,
-  /** Follows no link and waits on no FIFO; what is not a regular file reads short or fails. */
-  open(path: string, flags: string, attrs: { mode?: number }, done: Untyped) {
-    const mode = (flags === "r" ? O_RDONLY : O_WRONLY | O_CREAT | O_EXCL) | O_NOFOLLOW | O_NONBLOCK;
-    fs.open(path, mode, attrs.mode ?? 0o600, done);
-  },
-  readdir: (path: string, done: Untyped) =>
-    fs.readdir(path, (error, names) => done(error, names?.map((filename) => ({ filename })))),
-  ext_openssh_rename: fs.rename,
-  ext_openssh_fsync: fs.fsync,
-};
 
-/** Runs the user's own `ssh ... -s -- DESTINATION sftp` (OpenSSH checks host keys, authenticates)
- * and speaks SFTP over its pipes with ssh2's SFTP class (internal API of the pinned version,
- * held by the tests). Options on ssh's command line win over ssh_config: an unknown host is
- * refused unless --accept-new-host. `--` keeps a location from becoming an ssh option. */
+const { O_RDONLY, O_WRONLY, O_CREAT, O_EXCL, O_NOFOLLOW, O_NONBLOCK, O_DIRECTORY } = fs.constants;
+
+/** A local folder through node:fs: opens follow no link and wait on no FIFO (§1). */
+function localConnection(root: string): Connection {
+  const files: Files = {
+    ...fs,
+    open(path, flags, attrs, done) {
+      const how = flags === "r" ? O_RDONLY : O_WRONLY | O_CREAT | O_EXCL;
+      fs.open(path, how | O_NOFOLLOW | O_NONBLOCK, attrs.mode ?? 0o600, done);
+    },
+    readdir(path, done) { // as ssh2 gives them: names with sizes
+      fs.readdir(path, (error, names) => {
+        const attrs = (name: string) => fs.lstatSync(join(path, name), { throwIfNoEntry: false });
+        done(
+          error,
+          names?.map((filename) => ({ filename, attrs: attrs(filename) ?? { size: 0 } })),
+        );
+      });
+    },
+    ext_openssh_rename: fs.rename, // atomic, replaces the target
+    ext_openssh_fsync: fs.fsync,
+  };
+  const [local, posixRename, fsync, inFlight] = [true, true, true, IN_FLIGHT_MAX];
+  return { files, name: root, local, inFlight, posixRename, fsync, isLost: () => false, end() {} };
+}
+
+/** Runs the user's own ssh, `$NFREEZER_SSH` through `sh -c` as git runs GIT_SSH_COMMAND (so
+ * options there come first and win), as `ssh [options] -s -- DESTINATION sftp`: OpenSSH checks
+ * the host key and authenticates; `--` keeps a location from becoming an option. We speak SFTP
+ * over its pipes with ssh2's SFTP class, using internals of the pinned 1.17.0 that the SFTP tests
+ * hold: a stand-in channel (`_protocol.channelData/channelClose`; `outgoing` with an unlimited
+ * window, as ssh does flow control), `_init()` sends the version request, `push(data)` feeds
+ * replies (`push(null)` fails every pending request), `_extensions` and `maxOpenHandles` hold
+ * what the server's version and limits@openssh.com replies announced. */
 async function connectSsh(destination: string, port: string, options: Options) {
-  const [program, ...words] = (Deno.env.get("NFREEZER_SSH") || "ssh").trim().split(/\s+/);
-  const args = [...words, "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=3"];
-  args.push("-o", `StrictHostKeyChecking=${options["accept-new-host"] ? "accept-new" : "yes"}`);
+  const hostKeys = options["accept-new-host"] ? "accept-new" : "yes";
+  const args = ["-o", `StrictHostKeyChecking=${hostKeys}`, "-o", "ServerAliveInterval=15"];
+  args.push("-o", "ServerAliveCountMax=3", "-o", `ConnectTimeout=${CONNECT_TIMEOUT_SECONDS}`);
   if (options.identity) args.push("-i", options.identity);
-  if (options["known-hosts"]) args.push("-o", `UserKnownHostsFile=${options["known-hosts"]}`);
+  if (options["known-hosts"]) args.push("-o", `UserKnownHostsFile="${options["known-hosts"]}"`);
   if (port) args.push("-p", port);
-  args.push("-s", "--", destination, "sftp");
-  const child = new Deno.Command(program, { args, stdin: "piped", stdout: "piped" }).spawn();
+  const ssh = Deno.env.get("NFREEZER_SSH") || "ssh";
+  const shell = ["-c", `${ssh} "$@"`, ssh, ...args, "-s", "--", destination, "sftp"];
+  const child = new Deno.Command("sh", { args: shell, stdin: "piped", stdout: "piped" }).spawn();
   const writer = child.stdin.getWriter();
-  const protocol = {
+  const channel = {
     channelData: (_id: number, data: Uint8Array) => void writer.write(data).catch(() => {}),
     channelClose: () => void writer.close().catch(() => {}),
   };
-  const outgoing = { id: 0, state: "open", window: Infinity, packetSize: Infinity }; // ssh's job
-  const sftp = new SFTP({ _protocol: protocol }, { type: "sftp", outgoing }, {});
+  const outgoing = { id: 0, state: "open", window: Infinity, packetSize: Infinity };
+  const sftp = new SFTP({ _protocol: channel }, { type: "sftp", outgoing }, {});
   sftp.on("error", () => {}); // a protocol error ends the channel; pending calls fail with it
-  sftp.lost = new UserError(`The SSH connection to ${destination} ended`); // see call()
-  const push = (data: Uint8Array) =>
-    sftp.push(Buffer.from(data.buffer, data.byteOffset, data.length));
-  const ended = child.stdout.pipeTo(new WritableStream({ write: push })).catch(() => {})
-    .then(() => sftp.push(null)); // fails every request still pending, and all that follow
+  let lost = false;
+  const receive = new WritableStream({
+    write: (data: Uint8Array) => sftp.push(Buffer.from(data.buffer, data.byteOffset, data.length)),
+  });
+  const ended = child.stdout.pipeTo(receive).catch(() => {}).then(() => {
+    lost = true;
+    sftp.push(null);
+  });
   sftp._init();
   const ready = new Promise((resolve) => sftp.once("ready", resolve));
-  await Promise.race([ready, ended.then(() => fail(sftp.lost))]);
-  return sftp;
+  if (await Promise.race([ready.then(() => true), ended.then(() => false)]) === false) {
+    const hint = `an unknown host needs --accept-new-host; \`ssh ${destination}\` shows why`;
+    throw new UserError(`The SSH connection to ${destination} ended before SFTP started`, 1, hint);
+  }
+  const handles = sftp.maxOpenHandles ?? 2 * IN_FLIGHT_UNANNOUNCED; // a close may lag an open,
+  const inFlight = Math.max(1, Math.min(IN_FLIGHT_MAX, Math.floor(handles / 2))); // so 2 each
+  const posixRename = sftp._extensions["posix-rename@openssh.com"] === "1";
+  const fsync = sftp._extensions["fsync@openssh.com"] === "1";
+  const [files, local, end] = [sftp as Files, false, () => sftp.end()];
+  return { files, name: destination, local, inFlight, posixRename, fsync, isLost: () => lost, end };
 }
 
 // ---- Backup -----------------------------------------------------------------------------------
 
 type Ui = ReturnType<typeof makeUi>;
+type FileState = { size: number; mtime: number; chunks: string[] };
+type UseChunk = (chunk: Bytes) => Promise<string>;
 const isFsError = (error: unknown): error is Error => /^E[A-Z0-9]+$/.test((error as Untyped)?.code);
 const mib = (bytes: number) => `${(bytes / 2 ** 20).toFixed(1)} MiB`;
-const printable = (text: string) => text.replace(/\p{Cc}/gu, "?"); // no control codes from a server
 const since = (start: number) => `${((Date.now() - start) / 1000).toFixed(1)} s`;
 
-/** Walks root without following links; dotfiles included; sockets, fifos, devices skipped. */
-function scanTree(root: string, excludes: string[], ui: Ui): Entry[] {
+/** Walks root without following links; dotfiles included; sockets, FIFOs and devices skipped,
+ * and so is the repository when it is a local folder inside root. */
+function scanTree(root: string, excludes: string[], repository: string, ui: Ui): Entry[] {
   const entries: Entry[] = [];
   const visit = (path: string) => {
+    const full = join(root, path);
+    if (full === repository) return ui.warn(`skipped ${path}: it is the repository`);
     try {
-      const info = Deno.lstatSync(join(root, path));
+      const info = Deno.lstatSync(full);
       const entry = { path, mode: info.mode! & 0o7777, mtime: info.mtime!.getTime() };
-      const target = info.isSymlink ? Deno.readLinkSync(join(root, path)) : undefined;
+      const target = info.isSymlink ? Deno.readLinkSync(full) : undefined;
       if (info.isFile) return entries.push({ ...entry, type: "file", size: info.size });
       if (target !== undefined) return entries.push({ ...entry, type: "symlink", target });
       if (!info.isDirectory) return ui.warn(`skipped ${path}: not a file, folder or symlink`);
       entries.push({ ...entry, type: "dir" });
-      for (const { name } of Deno.readDirSync(join(root, path))) {
+      for (const { name } of Deno.readDirSync(full)) {
         const child = path ? `${path}/${name}` : name;
         const matches = (glob: string) => matchesGlob(child, glob) || matchesGlob(name, glob);
         if (!excludes.some(matches)) visit(child);
@@ -466,177 +625,336 @@ function scanTree(root: string, excludes: string[], ui: Ui): Entry[] {
   return entries.sort((a, b) => (a.path < b.path ? -1 : 1));
 }
 
-/** Chunks one file; null if it kept changing while read: never stored half old, half new. */
-async function storeFile(path: string, entry: Entry, put: (chunk: Bytes) => Promise<string>) {
-  for (let attempt = 0; attempt < 3; attempt++) {
-    using file = await Deno.open(path);
-    const { size, mtime } = await file.stat();
+/** Reads a regular file chunk by chunk through one handle that follows no link and waits on no
+ * FIFO (what was scanned may have been swapped since), handing each chunk to `use`. Returns its
+ * size, mtime and chunk ids; null if it changed while it was read or is no longer a file. */
+async function readFileChunks(path: string, use: UseChunk): Promise<FileState | null> {
+  const file = await openFile(path, O_RDONLY | O_NOFOLLOW | O_NONBLOCK);
+  try {
+    const before = await file.stat();
+    if (!before.isFile()) return null;
     const chunks: string[] = [];
-    for (let offset = 0; offset < size; offset += CHUNK_BYTES) {
-      const chunk = new Uint8Array(Math.min(CHUNK_BYTES, size - offset));
-      let done = 0; // at the end of the file (it shrank: the stat below notices) the rest stays 0
-      while (done < chunk.length) done += await file.read(chunk.subarray(done)) ?? chunk.length;
-      chunks.push(await put(chunk));
+    for (let offset = 0; offset < before.size; offset += CHUNK_BYTES) {
+      const chunk = new Uint8Array(Math.min(CHUNK_BYTES, before.size - offset));
+      for (let filled = 0; filled < chunk.length;) {
+        const read = await file.read(chunk, filled, chunk.length - filled, offset + filled);
+        if (read.bytesRead === 0) break; // it shrank: the stat below sees that
+        filled += read.bytesRead;
+      }
+      chunks.push(await use(chunk));
     }
     const after = await file.stat();
-    const same = after.size === size && after.mtime!.getTime() === mtime!.getTime();
-    if (same) return { ...entry, size, mtime: mtime!.getTime(), chunks };
+    const mtime = before.mtime.getTime();
+    if (after.size !== before.size || after.mtime.getTime() !== mtime) return null;
+    return { size: before.size, mtime, chunks };
+  } finally {
+    await file.close();
+  }
+}
+
+/** Stores one changed file; null (a problem named) if it cannot be read, or keeps changing. */
+async function storeFile(root: string, path: string, useChunk: UseChunk, ui: Ui) {
+  try {
+    for (let attempt = 0; attempt < 3; attempt++) {
+      const stored = await readFileChunks(join(root, path), useChunk);
+      if (stored !== null) return stored;
+    }
+    ui.problem(`skipped ${path}: it kept changing while being read`);
+  } catch (error) {
+    if (!isFsError(error)) throw error; // not the file's: an upload failed, or a bug
+    ui.problem(`cannot read ${path}: ${error.message}`);
   }
   return null;
 }
 
-/** Adds a snapshot of root: reads only files whose size or mtime changed, sends only new chunks. */
-async function backup(repo: Repo, root: string, options: Options, ui: Ui) {
+/** Adds a snapshot of root: reads only files whose size or mtime changed, sends only new chunks.
+ * Its progress line, redrawn as it works, is also its summary. */
+async function backup(repo: Repo, root: string, options: Options, ui: Ui): Promise<void> {
   const started = Date.now();
-  const { snapshots } = await listSnapshots(repo, ui); // only the parent must open
+  const snapshots = await listSnapshots(repo, ui);
   const parent = snapshots.findLast((item) => item.host === hostname() && item.source === root);
-  const orphan = (error: unknown) => ui.damaged(error, "no parent"); // then every file is read
-  const before = (parent && await loadManifest(repo, parent).catch(orphan)) || [];
+  const before = parent
+    ? await loadManifest(repo, parent).catch((error) => {
+      if (!isDamage(error)) throw error;
+      ui.problem(`the parent snapshot: ${error.message}; every file is read`, 3);
+      return [];
+    })
+    : [];
   const previous = new Map(before.map((entry) => [entry.path, entry]));
   const known = new Set(before.flatMap((entry) => entry.chunks ?? [])); // §4: stored already
-  const uploads = limiter(IN_FLIGHT_BYTES, IN_FLIGHT_COUNT);
-  const done = { read: 0, sent: 0, chunks: 0, new: 0, changed: 0, same: 0 };
-  const entries = scanTree(root, options.exclude ?? [], ui);
-  const total = entries.reduce((sum, entry) => sum + (entry.size ?? 0), 0);
-  const put = async (chunk: Bytes) => {
+  const uploads = makeLimiter(IN_FLIGHT_BYTES, repo.store.inFlight);
+  const repository = repo.store.local ? Deno.realPathSync(repo.store.root) : "";
+  const entries = scanTree(root, options.exclude ?? [], repository, ui);
+  const files = entries.filter((entry) => entry.type === "file");
+  const total = files.reduce((sum, entry) => sum + entry.size!, 0);
+  const done = { bytes: 0, read: 0, sent: 0, chunks: 0, new: 0, changed: 0, same: 0 };
+  const progress = () =>
+    `${done.new} new, ${done.changed} changed, ${done.same} unchanged of ${files.length} files` +
+    `; ${mib(done.bytes)} of ${mib(total)}; ${mib(done.read)} read, ${mib(done.sent)} sent in ` +
+    `${done.chunks} new chunks; ${since(started)}`;
+  const putChunk = async (chunk: Bytes) => {
     const id = await chunkId(repo.keys, chunk);
     if (known.has(id)) return id;
     known.add(id);
     await uploads.add(chunk.length, async () => {
-      if (await repo.store.exists(`data/${id}`)) return; // sent by an interrupted run, another host
+      if (await repo.store.exists(`data/${id}`)) return; // sent by an interrupted run
       await repo.store.write(`data/${id}`, await seal(repo.keys, `data/${id}`, chunk));
       done.sent += chunk.length;
       done.chunks++;
     });
     return id;
   };
+  const readChunk = (chunk: Bytes) => {
+    done.bytes += chunk.length;
+    ui.status(progress);
+    return putChunk(chunk);
+  };
   const kept: Entry[] = [];
   for (const entry of entries) {
     const old = previous.get(entry.path);
-    const same = old?.type === "file" && old.size === entry.size && old.mtime === entry.mtime;
-    if (entry.type !== "file") kept.push(entry);
-    else if (same) kept.push({ ...entry, chunks: old.chunks });
-    else {
-      const stored = await storeFile(join(root, entry.path), entry, put).catch((error) =>
-        isFsError(error) ? ui.problem(`cannot read ${entry.path}: ${error.message}`) : fail(error)
-      );
-      if (stored === null) ui.problem(`skipped ${entry.path}: it kept changing while being read`);
-      done.read += stored?.size ?? 0;
-      if (stored) kept.push(stored);
+    if (entry.type !== "file") {
+      kept.push(entry);
+    } else if (old?.type === "file" && old.size === entry.size && old.mtime === entry.mtime) {
+      kept.push({ ...entry, chunks: old.chunks });
+      done.same++;
+      done.bytes += entry.size!;
+    } else {
+      const stored = await storeFile(root, entry.path, readChunk, ui);
+      if (stored === null) continue;
+      kept.push({ ...entry, ...stored });
+      done.read += stored.size;
+      done[old?.type === "file" ? "changed" : "new"]++;
     }
-    if (entry.type === "file") done[same ? "same" : old?.type === "file" ? "changed" : "new"]++;
   }
-  const packed = gzipSync(utf8(JSON.stringify(kept)));
+  const json = utf8(JSON.stringify(kept));
+  const packed = gzipSync(json);
+  if (json.length > MANIFEST_MAX_BYTES || packed.length > MANIFEST_MAX_BYTES) {
+    const limit = `${mib(MANIFEST_MAX_BYTES)}: about 1.4 million files`;
+    throw new UserError(`The manifest would be ${mib(json.length)}, over its limit (${limit})`);
+  }
   const manifest = { size: packed.length, chunks: [] as string[] };
   for (let offset = 0; offset < packed.length; offset += CHUNK_BYTES) {
-    manifest.chunks.push(await put(new Uint8Array(packed.subarray(offset, offset + CHUNK_BYTES))));
+    const chunk = new Uint8Array(packed.subarray(offset, offset + CHUNK_BYTES));
+    manifest.chunks.push(await putChunk(chunk));
   }
   await uploads.drain(); // §6: every chunk is stored before a snapshot can refer to it
-  const [id, time] = [hex(random(8)), new Date().toISOString()];
-  const snapshot = { time, host: hostname(), source: root, parent: parent?.id, manifest };
-  await putJson(repo, `snapshots/${id}`, { ...snapshot, files: kept.length, bytes: total });
-  const removed = before.filter((old) => old.type === "file").length - done.changed - done.same;
-  const changes = `${done.new} new, ${done.changed} changed, ${done.same} unchanged`;
-  const sent = `${mib(done.read)} read, ${mib(done.sent)} sent in ${done.chunks} new chunks`;
-  ui.info(`Snapshot ${id}: ${changes}, ${removed} removed files; ${sent}; ${since(started)}`);
+  repo.store.syncFolder("data");
+  const id = hex(random(8));
+  const snapshot = { time: new Date().toISOString(), host: hostname(), source: root, manifest };
+  await putJson(repo, `snapshots/${id}`, { ...snapshot, parent: parent?.id, bytes: total });
+  repo.store.syncFolder("snapshots");
+  ui.info(`Snapshot ${id}: ${progress()}`);
 }
 
 // ---- Restore ----------------------------------------------------------------------------------
 
-/** §4: verified chunks go to a new temporary file, renamed over path (a link there is replaced);
- * a regular file there with the entry's mode, time and chunks is left untouched. */
-async function restoreFile(repo: Repo, path: string, temporary: string, entry: Entry) {
-  const [info, time] = [await Deno.lstat(path).catch(() => null), new Date(entry.mtime)];
-  const hash = (chunk: Bytes) => chunkId(repo.keys, chunk);
-  const same = info?.isFile && info.mtime?.getTime() === entry.mtime && info.size === entry.size;
-  const found = same && (info.mode! & 0o7777) === entry.mode && await storeFile(path, entry, hash);
-  if (found && found.chunks.join() === entry.chunks!.join()) return undefined;
-  using file = await Deno.open(temporary, { write: true, createNew: true, mode: 0o600 });
-  for await (const chunk of chunksOf(repo, entry as Content)) {
-    for (let done = 0; done < chunk.length;) done += await file.write(chunk.subarray(done));
-  }
-  await Deno.chmod(temporary, entry.mode);
-  await Deno.utime(temporary, time, time);
-  await Deno.rename(temporary, path);
-  return entry.size;
+/** True if `path` is `folder` or lies under it ("" is the root, above every path). */
+const isWithin = (path: string, folder: string) =>
+  folder === "" || path === folder || path.startsWith(`${folder}/`);
+
+/** The entries --include selects: each path named, what is under it, and the folders above it. */
+function selectEntries(entries: Entry[], includes: string[]): Entry[] {
+  const wanted = includes.map((path) => path.replace(/^(\.\/)+|\/+$/g, "")); // "./a/" is "a"
+  const missing = wanted.find((path) => !entries.some((entry) => entry.path === path));
+  if (missing !== undefined) throw new UserError(`The snapshot holds no ${missing}`);
+  if (wanted.length === 0) return entries;
+  return entries.filter((entry) =>
+    wanted.some((path) => isWithin(entry.path, path) || isWithin(path, entry.path))
+  );
 }
 
-/** Restores into target in path order: folders, then files (many at once), then links, then the
- * folders' modes and times, deepest first. An entry whose folder failed is not attempted. */
-async function restore(repo: Repo, target: string, options: Options, ui: Ui) {
+/** node:fs takes seconds: half a millisecond more keeps float rounding from losing one. */
+const fsTime = (entry: Entry) => (entry.mtime + 0.5) / 1000;
+
+/** True if path holds a regular file with the entry's size, time, mode and chunks. */
+async function isRestored(repo: Repo, path: string, entry: Entry): Promise<boolean> {
+  const info = await Deno.lstat(path).catch(() => null);
+  const mode = (info?.mode ?? 0) & 0o7777;
+  const same = info?.isFile && info.size === entry.size && info.mtime?.getTime() === entry.mtime;
+  if (!same || mode !== (entry.mode & RESTORED_MODE_BITS)) return false;
+  const found = await readFileChunks(path, (chunk) => chunkId(repo.keys, chunk)).catch(() => null);
+  return found?.chunks.join() === entry.chunks!.join();
+}
+
+/** The target's real path: a folder, made if missing. Run as root, a target that another user
+ * could write to is refused: they could swap its folders while the restore runs. */
+async function prepareTarget(target: string): Promise<string> {
+  const info = await Deno.stat(target).catch(() => null);
+  if (info !== null && !info.isDirectory) throw new UserError(`${target} is not a folder`);
+  if (info === null) await Deno.mkdir(target, { recursive: true });
+  const root = Deno.realPathSync(target);
+  const { uid, mode } = Deno.statSync(root);
+  const othersCanWrite = uid !== 0 || ((mode! & 0o022) !== 0 && (mode! & 0o1000) === 0);
+  if (Deno.uid() === 0 && othersCanWrite) {
+    const hint = "restore into a folder only root can write to, then move what you need";
+    throw new UserError(`${target} can be written by users other than root`, 1, hint);
+  }
+  for (const item of Deno.readDirSync(root)) { // the private folder of a killed restore
+    const ours = item.isDirectory && item.name.startsWith(SCRATCH_PREFIX);
+    if (ours) await Deno.remove(join(root, item.name), { recursive: true });
+  }
+  return root;
+}
+
+/** Restores into target in path order: folders (each 0700, so private, until the end), files
+ * (many at once) and links, each made in a private folder inside the target and renamed into
+ * place; then the folders' modes and times, deepest first. Nothing is written through a link
+ * found in the target; an entry whose folder failed is named, not attempted. */
+async function restore(repo: Repo, target: string, options: Options, ui: Ui): Promise<void> {
   const started = Date.now();
   const snapshot = await findSnapshot(repo, ui, options.snapshot);
-  const entries = await loadManifest(repo, snapshot);
-  if (!(await Deno.stat(target).catch(() => null))?.isDirectory) {
-    await Deno.mkdir(target, { recursive: true }); // fails on a file: one error, up front
-  }
-  const root = Deno.realPathSync(target);
-  const [failed, done] = [new Set<string>(), { written: 0, bytes: 0, same: 0 }];
-  const attempt = async (entry: Entry, work: (path: string, temporary: string) => unknown) => {
-    const path = join(root, entry.path);
-    const temporary = join(
-      dirname(path),
-      `.${basename(path).slice(0, 40)}.nfreezer-${hex(random(4))}`,
-    );
-    if (failed.has(entry.path) || failed.has(parentOf(entry.path))) return failed.add(entry.path);
+  const entries = selectEntries(await loadManifest(repo, snapshot), options.include ?? []);
+  const root = await prepareTarget(target);
+  const scratch = await Deno.makeTempDir({ dir: root, prefix: SCRATCH_PREFIX }); // mode 0700
+  const total = entries.reduce((sum, entry) => sum + (entry.size ?? 0), 0);
+  const done = { files: 0, same: 0, bytes: 0, written: 0 };
+  const progress = () =>
+    `${done.files - done.same} files written, ${done.same} already there; ` +
+    `${mib(done.bytes)} of ${mib(total)}, ${mib(done.written)} written; ${since(started)}`;
+  const failed = new Set<string>();
+  async function attempt(entry: Entry, work: (path: string) => Promise<void>): Promise<void> {
+    if (entry.path !== "" && failed.has(parentOf(entry.path))) {
+      failed.add(entry.path);
+      return ui.problem(`cannot restore ${entry.path}: its folder could not be restored`);
+    }
     try {
-      await work(path, temporary);
+      await work(join(root, entry.path));
     } catch (error) {
       if (!(error instanceof UserError || isFsError(error))) throw error;
-      await Deno.remove(temporary).catch(() => {});
       failed.add(entry.path);
-      const code = error instanceof UserError ? error.exitCode : 1;
-      ui.problem(`cannot restore ${entry.path || "."}: ${error.message}`, code);
+      const exitCode = error instanceof UserError ? error.exitCode : 1;
+      ui.problem(`cannot restore ${entry.path || "."}: ${error.message}`, exitCode);
     }
-  };
-  const file = (entry: Entry) => async (path: string, temporary: string) => {
-    const written = await restoreFile(repo, path, temporary, entry);
-    done[written === undefined ? "same" : "written"]++;
-    done.bytes += written ?? 0;
-  };
-  const link = (entry: Entry) => async (path: string, temporary: string) => {
-    await Deno.symlink(entry.target!, temporary);
-    await lutimes(temporary, new Date(entry.mtime), new Date(entry.mtime));
-    await Deno.rename(temporary, path); // replaces what is there, never follows it
-  };
-  const restoring = limiter(IN_FLIGHT_BYTES, IN_FLIGHT_COUNT);
-  const folder = async (path: string) => { // a real folder: a file or link there is replaced
+  }
+  async function restoreFolder(path: string): Promise<void> {
     const info = await Deno.lstat(path).catch(() => null);
-    if (info && !info.isDirectory) await Deno.remove(path);
-    if (!info?.isDirectory) await Deno.mkdir(path, { mode: 0o700 });
-    for (const item of Deno.readDirSync(path)) { // what a killed restore left
-      if (LEFTOVER.test(item.name) && !item.isDirectory) await Deno.remove(join(path, item.name));
+    if (info !== null && !info.isDirectory) await Deno.remove(path); // a file or link there
+    if (info === null || !info.isDirectory) return await Deno.mkdir(path, { mode: 0o700 });
+    const folder = await openFile(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW);
+    await folder.chmod(0o700).finally(() => folder.close()); // writable for us, closed to others
+  }
+  async function restoreFile(entry: Entry, path: string, temporary: string): Promise<void> {
+    done.files++;
+    if (await isRestored(repo, path, entry)) {
+      done.same++;
+      done.bytes += entry.size!;
+      return;
     }
-  };
-  for (const entry of entries) { // in path order: a folder is made before what it holds
-    const size = Math.min(entry.size ?? 0, CHUNK_BYTES); // a file holds one chunk at a time
-    if (entry.type === "file") await restoring.add(size, () => attempt(entry, file(entry)));
-    else await attempt(entry, entry.type === "dir" ? folder : link(entry));
+    const file = await openFile(temporary, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, 0o600);
+    try {
+      for await (const chunk of chunksOf(repo, entry as Content)) { // §4: each one verified
+        for (let written = 0; written < chunk.length;) {
+          written += (await file.write(chunk, written)).bytesWritten;
+        }
+        done.bytes += chunk.length;
+        done.written += chunk.length;
+        ui.status(progress);
+      }
+      await file.chmod(entry.mode & RESTORED_MODE_BITS); // through the handle, not the path
+      await file.utimes(fsTime(entry), fsTime(entry));
+    } finally {
+      await file.close();
+    }
+    await Deno.rename(temporary, path); // replaces a file or link there, never follows it
   }
-  await restoring.drain();
-  for (const entry of entries.toReversed().filter((entry) => entry.type === "dir")) {
-    await attempt(entry, async (path) => {
-      if (!(await Deno.lstat(path)).isDirectory) throw new UserError("it is no longer a folder");
-      await Deno.chmod(path, entry.mode);
-      await Deno.utime(path, new Date(entry.mtime), new Date(entry.mtime));
+  async function restoreLink(entry: Entry, path: string, temporary: string): Promise<void> {
+    await Deno.symlink(entry.target!, temporary);
+    await lutimes(temporary, fsTime(entry), fsTime(entry));
+    await Deno.rename(temporary, path);
+  }
+  async function finishFolder(entry: Entry, path: string): Promise<void> {
+    const folder = await openFile(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW);
+    try {
+      await folder.chmod(entry.mode & RESTORED_MODE_BITS);
+      await folder.utimes(fsTime(entry), fsTime(entry));
+    } finally {
+      await folder.close();
+    }
+  }
+  try {
+    const restoring = makeLimiter(IN_FLIGHT_BYTES, repo.store.inFlight);
+    for (const [index, entry] of entries.entries()) { // path order: a folder before what it holds
+      const temporary = join(scratch, String(index));
+      if (entry.type === "dir") await attempt(entry, restoreFolder);
+      if (entry.type === "symlink") await attempt(entry, (to) => restoreLink(entry, to, temporary));
+      const size = Math.min(entry.size ?? 0, CHUNK_BYTES); // a file holds one chunk at a time
+      const work = (to: string) => restoreFile(entry, to, temporary);
+      if (entry.type === "file") await restoring.add(size, () => attempt(entry, work));
+    }
+    await restoring.drain();
+  } finally {
+    await Deno.remove(scratch, { recursive: true }); // before the target's own time is set
+  }
+  for (const entry of entries.toReversed()) { // deepest first
+    if (entry.type === "dir" && !failed.has(entry.path)) {
+      await attempt(entry, (path) => finishFolder(entry, path));
+    }
+  }
+  ui.info(`Restored snapshot ${snapshot.id}: ${progress()}`);
+}
+
+// ---- Maintenance: snapshots, forget (§9) ------------------------------------------------------
+
+async function listCommand(repo: Repo, options: Options, ui: Ui): Promise<void> {
+  const snapshots = await listSnapshots(repo, ui);
+  if (options.json) return console.log(JSON.stringify(snapshots, null, 2));
+  for (const { id, time, host, source, bytes } of snapshots as Untyped[]) {
+    ui.info(`${id}  ${time}  ${host}:${source}  ${mib(bytes)}`);
+  }
+}
+
+/** §9: keeps the newest `keep` snapshots of each host and source folder and removes the others,
+ * then deletes every data object no remaining snapshot needs. If a snapshot or manifest does not
+ * open, nothing is deleted (exit 3): it might need any object. Killed at any point, every
+ * snapshot left restores: snapshots go first, then the objects that only they needed. */
+async function forget(repo: Repo, keep: number, ui: Ui): Promise<void> {
+  const snapshots = await listSnapshots(repo, ui);
+  if (ui.problems > 0) {
+    throw new UserError("Nothing deleted: a damaged snapshot may need any data", 3);
+  }
+  const counts = new Map<string, number>(); // snapshots seen of each host and source, newest first
+  const forgotten = snapshots.toReversed().filter((snapshot) => {
+    const group = JSON.stringify([snapshot.host, snapshot.source]);
+    counts.set(group, (counts.get(group) ?? 0) + 1);
+    return counts.get(group)! > keep;
+  });
+  const needed = new Set<string>();
+  for (const snapshot of snapshots.filter((snapshot) => !forgotten.includes(snapshot))) {
+    const entries = await loadManifest(repo, snapshot).catch((error) => {
+      if (!isDamage(error)) throw error;
+      throw new UserError(`Nothing deleted: ${error.message}`, 3);
     });
+    for (const id of snapshot.manifest.chunks) needed.add(id);
+    for (const entry of entries) entry.chunks?.forEach((id) => needed.add(id));
   }
-  const files = `${done.written} files (${mib(done.bytes)}) written, ${done.same} already there`;
-  ui.info(`Restored snapshot ${snapshot.id}: ${files}; ${since(started)}`);
+  for (const snapshot of forgotten) {
+    await repo.store.remove(`snapshots/${snapshot.id}`);
+    ui.info(`Removed snapshot ${snapshot.id} of ${snapshot.time}`);
+  }
+  const stored = await repo.store.list("data");
+  const unneeded = stored.filter((item) => isHex(item.name, 64) && !needed.has(item.name));
+  const deleting = makeLimiter(Infinity, repo.store.inFlight);
+  for (const { name } of unneeded) await deleting.add(0, () => repo.store.remove(`data/${name}`));
+  await deleting.drain();
+  const freed = unneeded.reduce((sum, item) => sum + item.size, 0);
+  ui.info(`Deleted ${unneeded.length} data objects: ${mib(freed)} freed`);
 }
 
 // ---- Command line -----------------------------------------------------------------------------
 
-const BINARY = basename(Deno.execPath());
+const BINARY = Deno.execPath().split("/").pop();
 const SELF = BINARY === "deno" ? "deno run -A nfreezer.ts" : BINARY; // as the user runs it
 const HELP = `see ${SELF} --help`;
 const USAGE = `Usage: ${SELF} <command> ...     (nfreezer ${VERSION}: encrypted backups)
-  init      <repo>                create an empty repository (backup also creates one)
+  init      <repo>                create a repository (backup needs one)
   backup    <source-dir> <repo>   add a snapshot         [--exclude GLOB]...
-  restore   <repo> <target-dir>   restore a snapshot     [--snapshot ID]
+  restore   <repo> <target-dir>   restore a snapshot     [--snapshot ID] [--include PATH]...
   snapshots <repo>                list the snapshots     [--json]
+  forget    <repo> --keep-last N  keep the newest N snapshots of each source folder, delete the
+                                  others and the data only they need
 <repo>: /local/path, ./relative/path, user@host:path or sftp://user@host[:port]/path.
 ID: a unique prefix of a snapshot id; the default is the newest snapshot.
+PATH: a file or folder in the snapshot (with what it holds and the folders above it).
 Options:
   --password-file FILE  read the passphrase from FILE (else $NFREEZER_PASSWORD, else a prompt)
   -i, --identity FILE   SSH key for ssh ($NFREEZER_SSH, default ssh, with its ~/.ssh/config)
@@ -644,33 +962,101 @@ Options:
   --accept-new-host     trust and remember the key of a host not yet in known_hosts
   -q, --quiet  only warnings and errors      -h, --help  this help      --version  the version
 Exit codes: 0 ok, 1 error, 2 usage error, 3 integrity error (tampered or missing data)`;
-/** Options as USAGE shows them ("-x, --name VALUE]..."); a command's own are on its line. */
-const OPTIONS: Record<string, Untyped> = {};
-const OPTION = /(?:-(\w), )?--([a-z-]+)( [A-Z]+)?(\]\.{3})?/g; // -x, --name VALUE]...
-for (const [, short, name, value, many] of USAGE.matchAll(OPTION)) {
-  OPTIONS[name] = { type: value ? "string" : "boolean", multiple: !!many, ...short && { short } };
-}
-const OWN = new Set(USAGE.match(/\[--[a-z-]+/g)!.map((text) => text.slice(3)));
 type Options = Record<string, Untyped>;
+const [STRING, LIST, FLAG] = [{ type: "string" }, { type: "string", multiple: true }, {
+  type: "boolean",
+}] as const;
+const OPTIONS = {
+  exclude: LIST,
+  snapshot: STRING,
+  include: LIST,
+  json: FLAG,
+  "keep-last": STRING,
+  "password-file": STRING,
+  identity: { ...STRING, short: "i" },
+  "known-hosts": STRING,
+  "accept-new-host": FLAG,
+  quiet: { ...FLAG, short: "q" },
+  help: { ...FLAG, short: "h" },
+  version: FLAG,
+} as const;
+/** Each command: its positional arguments ("<repo>" is opened before `run`), the options only it
+ * takes, and what it checks before the repository is opened (and a passphrase is asked for). */
+type Command = { args: string[]; options: string[] } & {
+  check?: (args: string[], options: Options) => void;
+  run: (repo: Repo, args: string[], options: Options, ui: Ui) => Promise<void>;
+};
+const COMMANDS: Record<string, Command> = {
+  init: {
+    args: ["<repo>"],
+    options: [],
+    run: (_repo, [location], _options, ui) => Promise.resolve(ui.info(`Created ${location}`)),
+  },
+  backup: {
+    args: ["<source-dir>", "<repo>"],
+    options: ["exclude"],
+    check([source]) {
+      if (!Deno.statSync(source).isDirectory) throw new UserError(`${source} is not a folder`);
+    },
+    run: (repo, [source], options, ui) =>
+      withLock(repo, false, () => backup(repo, Deno.realPathSync(source), options, ui)),
+  },
+  restore: {
+    args: ["<repo>", "<target-dir>"],
+    options: ["snapshot", "include"],
+    run: (repo, [, target], options, ui) => restore(repo, resolve(target), options, ui),
+  },
+  snapshots: {
+    args: ["<repo>"],
+    options: ["json"],
+    run: (repo, _args, options, ui) => listCommand(repo, options, ui),
+  },
+  forget: {
+    args: ["<repo>"],
+    options: ["keep-last"],
+    check(_args, options) {
+      const keep = Number(options["keep-last"]);
+      if (Number.isInteger(keep) && keep >= 1) return;
+      throw new UserError("forget takes --keep-last N, a whole number from 1", 2, HELP);
+    },
+    run: (repo, _args, options, ui) =>
+      withLock(repo, true, () => forget(repo, Number(options["keep-last"]), ui)),
+  },
+};
 
-/** Output; problems are counted: the command exits 1 (3 for damage) once it did the rest. */
+/** Output. Problems are counted: the command exits 1 (3 if one was damage) once it did the rest.
+ * On a terminal and without -q, a status line on stderr, redrawn at most once a second. */
 function makeUi(quiet: boolean) {
+  const hasStatus = !quiet && Deno.stderr.isTerminal();
+  let drawnAt = 0;
+  const clearStatus = () => drawnAt > 0 && Deno.stderr.writeSync(utf8("\r\x1b[K"));
   const ui = {
     problems: 0,
     exitCode: 1,
-    info: (text: string) => quiet || console.log(text),
-    warn: (text: string) => console.error(`nfreezer: warning: ${printable(text)}`),
+    info(text: string) {
+      clearStatus();
+      if (!quiet) console.log(text);
+    },
+    warn(text: string) {
+      clearStatus();
+      console.error(`nfreezer: warning: ${printable(text)}`);
+    },
     problem(text: string, exitCode = 1) {
       ui.warn(text);
       ui.problems++;
       ui.exitCode = Math.max(ui.exitCode, exitCode);
     },
-    /** An integrity error becomes a problem (exit 3, once the rest is done); others are thrown. */
-    damaged: (error: Untyped, context: string): undefined =>
-      void (error?.exitCode === 3 ? ui.problem(`${context}: ${error.message}`, 3) : fail(error)),
+    status(text: () => string) {
+      if (!hasStatus || Date.now() - drawnAt < STATUS_EVERY_MS) return;
+      drawnAt = Date.now();
+      Deno.stderr.writeSync(utf8(`\r\x1b[K${printable(text())}`));
+    },
   };
   return ui;
 }
+
+/** No control codes from a server or a file name reach the terminal. */
+const printable = (text: string) => text.replace(/\p{Cc}/gu, "?");
 
 /** Reads a line without echo; backspace erases a character; strict UTF-8 (no two collide). */
 async function promptSecret(question: string): Promise<string> {
@@ -691,6 +1077,7 @@ async function promptSecret(question: string): Promise<string> {
   }
   return strictUtf8(Uint8Array.from(bytes));
 }
+
 function strictUtf8(bytes: Uint8Array): string {
   try {
     return new TextDecoder("utf-8", { fatal: true }).decode(bytes);
@@ -699,83 +1086,118 @@ function strictUtf8(bytes: Uint8Array): string {
   }
 }
 
-/** The passphrase from --password-file, else $NFREEZER_PASSWORD, else asked (twice if new). */
-async function getPassphrase(options: Options, creating: boolean): Promise<string> {
+/** The passphrase from --password-file or $NFREEZER_PASSWORD, which is then removed from the
+ * environment (ssh and its ProxyCommand never see it); "" if neither is given. */
+function givenPassphrase(options: Options): string {
   const file = options["password-file"];
-  const read = () => strictUtf8(Deno.readFileSync(file)).replace(/\r?\n$/, "");
-  const given = file ? read() : Deno.env.get("NFREEZER_PASSWORD") || undefined;
-  const passphrase = given ?? await promptSecret("Repository passphrase: ");
-  const again = given ?? (creating ? await promptSecret("Repeat it: ") : passphrase);
-  if (passphrase !== again) throw new UserError("The passphrases differ");
-  return passphrase || fail(new UserError("The passphrase is empty"));
+  if (file) return strictUtf8(Deno.readFileSync(file)).replace(/\r?\n$/, "");
+  try {
+    const passphrase = Deno.env.get("NFREEZER_PASSWORD") ?? "";
+    Deno.env.delete("NFREEZER_PASSWORD");
+    return passphrase;
+  } catch {
+    throw new UserError("The passphrase is not valid UTF-8"); // Deno.env.get refused it
+  }
 }
 
-/** Opens (init and backup: creates) the repository at a path, user@host:path or sftp:// URL. */
-async function openRepo(location: string, options: Options, create: boolean): Promise<Repo> {
-  const url = /^sftp:\/\/([^/:]+)(?::(\d+))?(\/.*)$/.exec(location);
+/** The passphrase given, else asked for (twice when creating a repository). */
+async function getPassphrase(given: string, creating: boolean): Promise<string> {
+  if (given !== "") return given;
+  const passphrase = await promptSecret("Repository passphrase: ");
+  const again = creating ? await promptSecret("Repeat it: ") : passphrase;
+  if (again !== passphrase) throw new UserError("The passphrases differ");
+  if (passphrase === "") throw new UserError("The passphrase is empty");
+  return passphrase;
+}
+
+/** Splits a location into an ssh destination, port and path (no destination: a local path). */
+function parseLocation(location: string) {
+  if (location.startsWith("sftp://")) {
+    const url = URL.parse(location);
+    const path = decodeURIComponent(url?.pathname ?? "").replace(/^\/~\//, ""); // ~/: home
+    if (!url?.hostname || path === "" || path === "/") {
+      throw new UserError(`${location}: write sftp://user@host[:port]/path`, 2, HELP);
+    }
+    const user = url.username ? `${decodeURIComponent(url.username)}@` : "";
+    const host = url.hostname.replace(/^\[(.*)\]$/, "$1"); // ssh takes [::1] as ::1
+    return { destination: user + host, port: url.port, path };
+  }
   const scp = /^([^/:]+):(.*)$/.exec(location); // as scp: a local "a:b" is written ./a:b
-  const [destination, port, path] = url ? url.slice(1) : [scp?.[1], "", scp?.[2] || "."];
-  const sftp = destination && await connectSsh(destination, port, options);
-  const root = sftp ? path.replace(/^~\//, "") : resolve(location); // ~/x: relative to home
-  const store = makeStore(sftp || LOCAL_FILES, root, () => sftp && sftp.end());
+  if (scp) return { destination: scp[1], port: "", path: scp[2].replace(/^~\//, "") || "." };
+  return { destination: "", port: "", path: resolve(location) };
+}
+
+/** Opens the repository at a location, or with `create` makes a new one there (init). */
+async function openRepo(location: string, options: Options, create = false): Promise<Repo> {
+  const given = givenPassphrase(options); // first: ssh must not see $NFREEZER_PASSWORD
+  const { destination, port, path } = parseLocation(location);
+  const connection = destination
+    ? await connectSsh(destination, port, options)
+    : localConnection(path);
+  const store = makeStore(connection, path);
   try {
-    const names = await store.list("");
-    const found = names.includes("config");
+    if (create) return await createRepo(store, location, given);
+    const names = (await store.list("")).map((item) => item.name);
     const hint = `create one with: ${SELF} init ${location}`;
-    if (!found && !create) throw new UserError(`No repository at ${location}`, 1, hint);
-    const foreign = names.some((name) => !FOLDERS.includes(name));
-    if (!found && foreign) throw new UserError(`${location} is not empty, and not a repository`);
-    await store.prepare(!found);
-    const passphrase = await getPassphrase(options, !found);
-    if (found) return { store, keys: await unlockConfig(await store.read("config"), passphrase) };
-    const { config, keys } = await createConfig(passphrase);
-    await store.write("config", utf8(config));
-    return { store, keys };
+    if (!names.includes("config")) throw new UserError(`No repository at ${location}`, 1, hint);
+    for (const folder of FOLDERS) { // §1: a link could lead writes and deletes elsewhere
+      if (!(await store.lstat(folder))?.isDirectory()) throw damaged(`${path}/${folder}`);
+    }
+    const config = await store.read("config");
+    return { store, keys: await unlockConfig(config, await getPassphrase(given, false)) };
   } catch (error) {
     store.close();
     throw error;
   }
 }
 
-type Command = (repo: Repo, args: string[], options: Options, ui: Ui) => Promise<unknown>;
-const COMMANDS: Record<string, Command> = {
-  init: (_repo, [location], _options, ui) => Promise.resolve(ui.info(`Created ${location}`)),
-  backup: (repo, [source], options, ui) =>
-    withLock(repo, () => backup(repo, Deno.realPathSync(source), options, ui)),
-  restore: (repo, [, target], options, ui) => restore(repo, resolve(target), options, ui),
-  async snapshots(repo, _args, options, ui) {
-    const { snapshots } = await listSnapshots(repo, ui);
-    if (options.json) return console.log(JSON.stringify(snapshots, null, 2));
-    for (const { id, time, host, source, files, bytes } of snapshots as Untyped[]) {
-      ui.info(`${id}  ${time}  ${host}:${source}  ${files} entries, ${mib(bytes)}`);
-    }
-  },
-};
+/** §1, §2: a repository in an empty or missing folder (made as mkdir -p does). The config comes
+ * last, created exclusively and read back: of two runs at once one config wins, the other run
+ * stops, and no run writes under a key that is not the repository's. */
+async function createRepo(store: Store, location: string, given: string): Promise<Repo> {
+  const found = await store.lstat("");
+  if (found !== null && !found.isDirectory()) throw new UserError(`${location} is not a folder`);
+  const names = (await store.list("")).map((item) => item.name);
+  if (names.includes("config")) throw new UserError(`${location} is a repository already`);
+  const foreign = names.some((name) => !FOLDERS.includes(name));
+  if (foreign) throw new UserError(`${location} is not empty, and not a repository`);
+  const passphrase = await getPassphrase(given, true);
+  const [master, salt, nonce] = [random(2 * KEY_BYTES), random(SALT_BYTES), random(NONCE_BYTES)];
+  const config = utf8(await wrapMaster(passphrase, master, salt, nonce));
+  try {
+    await store.makeFolders();
+    await store.create("config", config);
+  } catch (error) {
+    if (!await store.exists("config")) throw error;
+    throw new UserError(`Another run created a repository at ${location} meanwhile`);
+  }
+  if (Buffer.compare(await store.read("config"), config) !== 0) throw damaged("The new config");
+  return { store, keys: await importKeys(master) };
+}
 
-/** A command's USAGE line is its spec: the <arguments> it takes and the [--options] it adds. */
 async function runCli(argv: string[]): Promise<void> {
   process.umask(0o077); // safe default: what this process creates is private to the user
   const parsed = parseArgs({ args: argv, options: OPTIONS, allowPositionals: true });
   const [options, [name, ...args]] = [parsed.values as Options, parsed.positionals];
   if (options.version) return console.log(`nfreezer ${VERSION}, repository format ${FORMAT}`);
-  if (options.help || !name) return console.log(USAGE);
-  const line = USAGE.split("\n").find((text) => COMMANDS[name] && text.startsWith(`  ${name} `));
-  if (!line) throw new UserError(`Unknown command ${name}`, 2, HELP);
-  const usage = `usage: ${SELF} ${line.trim()}`;
-  const slots = line.match(/<[^>]+>/g)!;
-  const foreign = Object.keys(options).find((key) => OWN.has(key) && !line.includes(`[--${key}`));
+  if (options.help || name === undefined) return console.log(USAGE);
+  if (!Object.hasOwn(COMMANDS, name)) throw new UserError(`Unknown command ${name}`, 2, HELP);
+  const command = COMMANDS[name];
+  const usage = `usage: ${SELF} ${name} ${command.args.join(" ")}`;
+  const owned = Object.values(COMMANDS).flatMap((other) => other.options);
+  const foreign = Object.keys(options).find((key) =>
+    owned.includes(key) && !command.options.includes(key)
+  );
   if (foreign) throw new UserError(`${name} does not take --${foreign}`, 2, usage);
-  if (args.length !== slots.length) {
-    throw new UserError(`${name} takes ${slots.join(" ")}`, 2, usage);
+  if (args.length !== command.args.length) {
+    throw new UserError(`${name} takes ${command.args.join(" ")}`, 2, usage);
   }
-  if (name === "backup" && !Deno.statSync(args[0]).isDirectory) {
-    throw new UserError(`${args[0]} is not a folder`); // checked before a repository is made
-  }
-  const ui = makeUi(options.quiet);
-  const repo = await openRepo(args[slots.indexOf("<repo>")], options, /init|backup/.test(name));
-  await COMMANDS[name](repo, args, options, ui).finally(() => repo.store.close());
+  command.check?.(args, options);
+  const ui = makeUi(options.quiet === true);
+  const repo = await openRepo(args[command.args.indexOf("<repo>")], options, name === "init");
+  await command.run(repo, args, options, ui).finally(() => repo.store.close());
   const problems = `${ui.problems} problem${ui.problems === 1 ? "" : "s"} (see the warnings above)`;
-  if (ui.problems) throw new UserError(problems, ui.exitCode);
+  if (ui.problems > 0) throw new UserError(problems, ui.exitCode);
 }
 
 /** Runs the command line and returns the exit code; errors that are not ours keep their stack. */
@@ -793,6 +1215,7 @@ export async function main(argv: string[]): Promise<number> {
   }
 }
 
-export { chunkId, openRepo, putJson, seal }; // for the tests, which forge hostile snapshots
+// For the tests: they forge hostile objects and check the README's known-answer vectors.
+export { chunkId, importKeys, openRepo, padme, putJson, seal, unlockConfig, wrapMaster };
 
 if (import.meta.main) Deno.exit(await main(Deno.args));
