@@ -404,7 +404,7 @@ function makeStore(connection: Connection, root: string) {
   function call<T>(action: string, name: string, start: (done: Done<T>) => void): Promise<T> {
     return new Promise<T>((resolve, reject) => {
       if (connection.isLost()) {
-        return reject(new UserError(`Lost the connection to ${connection.name}`));
+        return reject(new UserError(`The SSH connection to ${connection.name} ended`));
       }
       start((error, result) => {
         if (!error) return resolve(result);
