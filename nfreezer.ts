@@ -362,103 +362,56 @@ function makeLimiter(maxBytes: number, maxCount: number) {
 // ---- Storage (§1, §7): one Store over an SFTP server or a local folder ------------------------
 
 // deno-lint-ignore no-explicit-any
-type Untyped = any; // what ssh2 (it ships no types) and node:fs callbacks hand back
-type Done<T> = (error: Untyped, result: T) => void;
-type Handle = Untyped; // ssh2: a Buffer; node:fs: a file descriptor
-type Info = { isDirectory(): boolean; size: number };
-type Item = { filename: string; attrs: { size: number } };
-/** The callback calls a Store makes, as ssh2's SFTP client names them; a local folder has the
- * same from node:fs (localConnection). The ext_openssh_ ones are OpenSSH extensions. */
+type Untyped = any; // what ssh2 (it ships no types) hands back, and errors of any kind
+type Info = { isDirectory(): boolean };
+/** What a Store needs of an SFTP server or a local folder, by full path. `read` gives the first
+ * `length` bytes (fewer if the file is shorter), `create` writes a new file (exclusively, mode
+ * 0600) and syncs it where the server can, `rename` replaces its target atomically where the
+ * server can (else it fails if the target exists), `list` gives names and sizes. */
 type Files = {
-  open(path: string, flags: "r" | "wx", attrs: { mode?: number }, done: Done<Handle>): void;
-  fstat(handle: Handle, done: Done<Info>): void;
-  read(handle: Handle, data: Buffer, at: 0, length: number, from: 0, done: Done<number>): void;
-  write(handle: Handle, data: Buffer, at: 0, length: number, from: 0, done: Done<number>): void;
-  ext_openssh_fsync(handle: Handle, done: Done<void>): void;
-  close(handle: Handle, done: Done<void>): void;
-  lstat(path: string, done: Done<Info>): void;
-  stat(path: string, done: Done<Info>): void;
-  readdir(path: string, done: Done<Item[]>): void;
-  mkdir(path: string, attrs: { mode: number }, done: Done<void>): void;
-  unlink(path: string, done: Done<void>): void;
-  rename(from: string, to: string, done: Done<void>): void; // fails if `to` exists (SFTP v3)
-  ext_openssh_rename(from: string, to: string, done: Done<void>): void; // replaces `to`
+  read(path: string, length: number): Promise<Buffer>;
+  create(path: string, data: Buffer): Promise<void>;
+  rename(from: string, to: string): Promise<void>;
+  list(path: string): Promise<{ name: string; size: number }[]>;
+  lstat(path: string): Promise<Info>;
+  mkdir(path: string): Promise<void>;
+  remove(path: string): Promise<void>;
 };
-/** What a Store runs on: its calls, what they offer, how many objects may be in flight, and
- * whether it has ended (then a failed read is not damage). */
+/** Files, where they are, how many objects may be in flight, and how a connection ends. */
 type Connection = { files: Files; name: string; local: boolean; inFlight: number } & {
-  posixRename: boolean; // has ext_openssh_rename
-  fsync: boolean; // has ext_openssh_fsync
-  isLost: () => boolean;
+  isLost: () => boolean; // after that, a failed read is not damage
   end: () => void;
 };
 type Store = ReturnType<typeof makeStore>;
 const FOLDERS = ["snapshots", "data", "locks", "tmp"]; // §1
 const isMissing = (error: Untyped) => ["ENOENT", "ENOTDIR", 2].includes(error?.code); // 2: SFTP's
+const { O_RDONLY, O_WRONLY, O_CREAT, O_EXCL, O_NOFOLLOW, O_NONBLOCK, O_DIRECTORY } = fs.constants;
 
-/** A Store: objects read and written whole, by name, inside root. */
+/** A Store: objects read and written whole, by name, inside root. Every failure is one line
+ * ("Cannot read data/…: reason"); a failed read is damage (exit 3) unless the connection ended. */
 function makeStore(connection: Connection, root: string) {
   const { files } = connection;
   const path = (name: string) => name ? `${root}/${name}` : root;
-  /** One call as a promise; a failure is one line ("Cannot open x: reason"), its cause kept. */
-  function call<T>(action: string, name: string, start: (done: Done<T>) => void): Promise<T> {
-    return new Promise<T>((resolve, reject) => {
-      if (connection.isLost()) {
-        return reject(new UserError(`The SSH connection to ${connection.name} ended`));
-      }
-      start((error, result) => {
-        if (!error) return resolve(result);
-        const reason = String(error.message).replace(/^E[A-Z]+: ([^,]+).*$/s, "$1"); // node:fs
-        reject(new UserError(`Cannot ${action} ${name || root}: ${reason}`, 1, "", error));
-      });
-    });
-  }
-  async function lstat(name: string, full = path(name)): Promise<Info | null> {
+  async function run<T>(action: string, name: string, work: () => Promise<T>): Promise<T> {
     try {
-      return await call<Info>("open", name, (done) => files.lstat(full, done));
+      return await work();
     } catch (error) {
-      if (isMissing((error as UserError).cause)) return null;
-      throw error;
-    }
-  }
-  async function readWhole(name: string, size?: number): Promise<Bytes> {
-    const handle = await call<Handle>(
-      "open",
-      name,
-      (done) => files.open(path(name), "r", {}, done),
-    );
-    try {
-      const info = size ??
-        (await call<Info>("open", name, (done) => files.fstat(handle, done))).size;
-      if (size === undefined && info > SMALL_OBJECT_BYTES) throw new UserError("it is too large");
-      const buffer = Buffer.alloc(info); // its own memory, not a shared pool
-      const count = await call<number>("read", name, (done) => {
-        files.read(handle, buffer, 0, buffer.length, 0, done); // ssh2: in pieces, in order
-      });
-      if (count !== buffer.length) throw new UserError("it is too short");
-      return new Uint8Array(buffer.buffer, buffer.byteOffset, buffer.length);
-    } finally {
-      files.close(handle, () => {}); // not waited for: one round trip less
-    }
-  }
-  /** Writes name, created exclusively (mode 0600), and syncs it; fails if name exists. */
-  async function create(name: string, object: Uint8Array): Promise<void> {
-    const data = Buffer.from(object.buffer, object.byteOffset, object.length);
-    const handle = await call<Handle>("create", name, (done) => {
-      files.open(path(name), "wx", { mode: 0o600 }, done);
-    });
-    try {
-      const written = await call<number>("write", name, (done) => {
-        files.write(handle, data, 0, data.length, 0, done);
-      });
-      if (written !== data.length) throw new UserError(`Only ${written} bytes of ${name} stored`);
-      if (connection.fsync) {
-        await call("sync", name, (done) => files.ext_openssh_fsync(handle, done));
+      if (connection.isLost()) {
+        throw new UserError(`The SSH connection to ${connection.name} ended`);
       }
-    } finally {
-      await call("close", name, (done) => files.close(handle, done));
+      const reason = String((error as Error).message).replace(/^E[A-Z]+: ([^,]+).*$/s, "$1");
+      throw new UserError(`Cannot ${action} ${name || root}: ${reason}`, 1, "", error); // node:fs
     }
   }
+  const lstat = (name: string, full = path(name)) =>
+    run("open", name, () => files.lstat(full)).catch((error) => {
+      if (isMissing(error.cause)) return null;
+      throw error;
+    });
+  const create = (name: string, object: Uint8Array) => {
+    const data = Buffer.from(object.buffer, object.byteOffset, object.length); // not a copy
+    return run("create", name, () => files.create(path(name), data));
+  };
   return {
     root,
     local: connection.local,
@@ -467,40 +420,38 @@ function makeStore(connection: Connection, root: string) {
     lstat,
     create,
     exists: async (name: string) => (await lstat(name)) !== null,
-    /** The whole object, of the size given (else its own, at most SMALL_OBJECT_BYTES). A failure
-     * is damage (exit 3), unless the connection has ended. */
+    /** The whole object, of the size given (else its own, at most SMALL_OBJECT_BYTES). */
     async read(name: string, size?: number): Promise<Bytes> {
-      try {
-        return await readWhole(name, size);
-      } catch (error) {
-        if (!(error instanceof UserError) || connection.isLost()) throw error;
-        const reason = isMissing(error.cause) ? "it is missing" : error.message;
-        throw new UserError(`Cannot read ${name}: ${reason}`, 3);
-      }
+      const refuse = (reason: string) => new UserError(`Cannot read ${name}: ${reason}`, 3);
+      const length = size ?? SMALL_OBJECT_BYTES + 1; // a small object: its own size, if small
+      const data = await run("read", name, () => files.read(path(name), length)).catch((error) => {
+        if (connection.isLost()) throw error;
+        if (isMissing(error.cause)) throw refuse("it is missing");
+        throw new UserError(error.message, 3);
+      });
+      if (size === undefined && data.length > SMALL_OBJECT_BYTES) throw refuse("it is too large");
+      if (size !== undefined && data.length !== size) throw refuse("it is too short");
+      return new Uint8Array(data.buffer as ArrayBuffer, data.byteOffset, data.length);
     },
     /** §7: to tmp/ (created exclusively), synced, then renamed: a name never holds a part. */
     async write(name: string, object: Uint8Array): Promise<void> {
-      const [temporary, final] = [`tmp/${hex(random(8))}`, path(name)];
+      const temporary = `tmp/${hex(random(8))}`;
       await create(temporary, object);
-      await call("rename", temporary, (done) => {
-        if (connection.posixRename) files.ext_openssh_rename(path(temporary), final, done);
-        else files.rename(path(temporary), final, done);
-      });
+      await run("rename", temporary, () => files.rename(path(temporary), path(name)));
     },
     /** The names and sizes in a folder; none if there is no such folder. */
     async list(folder: string): Promise<{ name: string; size: number }[]> {
       if ((await lstat(folder)) === null) return [];
-      const items = await call<Item[]>("list", folder, (done) => files.readdir(path(folder), done));
-      return items.map((item) => ({ name: item.filename, size: item.attrs.size }));
+      return await run("list", folder, () => files.list(path(folder)));
     },
-    remove: (name: string) => call("delete", name, (done) => files.unlink(path(name), done)),
+    remove: (name: string) => run("delete", name, () => files.remove(path(name))),
     /** mkdir -p of the root (mode 0700), then §1's folders in it. */
     async makeFolders(): Promise<void> {
       const parts = root.split("/");
       const above = parts.map((_part, index) => parts.slice(0, index + 1).join("/"));
       for (const folder of [...above, ...FOLDERS.map(path)]) {
         if (folder === "" || folder === "." || await lstat(folder, folder) !== null) continue;
-        await call("create", folder, (done) => files.mkdir(folder, { mode: 0o700 }, done));
+        await run("create", folder, () => files.mkdir(folder));
       }
     },
     /** §7: a local folder is synced after renames into it, so they survive a power cut. */
@@ -513,30 +464,70 @@ function makeStore(connection: Connection, root: string) {
   };
 }
 
-const { O_RDONLY, O_WRONLY, O_CREAT, O_EXCL, O_NOFOLLOW, O_NONBLOCK, O_DIRECTORY } = fs.constants;
-
-/** A local folder through node:fs: opens follow no link and wait on no FIFO (§1). */
+/** A local folder: no open follows a link or waits on a FIFO (§1). */
 function localConnection(root: string): Connection {
   const files: Files = {
-    ...fs,
-    open(path, flags, attrs, done) {
-      const how = flags === "r" ? O_RDONLY : O_WRONLY | O_CREAT | O_EXCL;
-      fs.open(path, how | O_NOFOLLOW | O_NONBLOCK, attrs.mode ?? 0o600, done);
+    async read(path, length) {
+      const file = await openFile(path, O_RDONLY | O_NOFOLLOW | O_NONBLOCK);
+      const buffer = Buffer.alloc(length); // its own memory, not a shared pool
+      const { bytesRead } = await file.read(buffer, 0, length, 0).finally(() => file.close());
+      return buffer.subarray(0, bytesRead);
     },
-    readdir(path, done) { // as ssh2 gives them: names with sizes
-      fs.readdir(path, (error, names) => {
-        const attrs = (name: string) => fs.lstatSync(join(path, name), { throwIfNoEntry: false });
-        done(
-          error,
-          names?.map((filename) => ({ filename, attrs: attrs(filename) ?? { size: 0 } })),
-        );
-      });
+    async create(path, data) {
+      const file = await openFile(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, 0o600);
+      await file.writeFile(data).then(() => file.sync()).finally(() => file.close());
     },
-    ext_openssh_rename: fs.rename, // atomic, replaces the target
-    ext_openssh_fsync: fs.fsync,
+    rename: (from, to) => fs.promises.rename(from, to),
+    list: async (path) =>
+      (await fs.promises.readdir(path)).map((name) => {
+        const info = fs.lstatSync(join(path, name), { throwIfNoEntry: false });
+        return { name, size: info?.size ?? 0 };
+      }),
+    lstat: (path) => fs.promises.lstat(path),
+    mkdir: (path) => fs.promises.mkdir(path, { mode: 0o700 }),
+    remove: (path) => fs.promises.unlink(path),
   };
-  const [local, posixRename, fsync, inFlight] = [true, true, true, IN_FLIGHT_MAX];
-  return { files, name: root, local, inFlight, posixRename, fsync, isLost: () => false, end() {} };
+  return { files, name: root, local: true, inFlight: IN_FLIGHT_MAX, isLost: () => false, end() {} };
+}
+
+/** ssh2's SFTP client as Files. Its read and write go out in pieces of the size the server
+ * announced, in order (as any server accepts); fsync and atomic rename are OpenSSH extensions. */
+function sftpFiles(sftp: Untyped, isLost: () => boolean): Files {
+  const call = <T>(start: (done: (error: Error, result: T) => void) => void) =>
+    new Promise<T>((resolve, reject) => {
+      if (isLost()) return reject(new Error("the connection ended")); // ssh2 would never answer
+      start((error, result) => error ? reject(error) : resolve(result));
+    });
+  const offers = (extension: string) => sftp._extensions[extension] === "1";
+  return {
+    async read(path, length) {
+      const handle = await call((done) => sftp.open(path, "r", {}, done));
+      const buffer = Buffer.alloc(length); // its own memory, not a shared pool
+      const count = await call<number>((done) => sftp.read(handle, buffer, 0, length, 0, done))
+        .finally(() => sftp.close(handle, () => {})); // not waited for: one round trip less
+      return buffer.subarray(0, count);
+    },
+    async create(path, data) {
+      const handle = await call((done) => sftp.open(path, "wx", { mode: 0o600 }, done));
+      try {
+        await call((done) => sftp.write(handle, data, 0, data.length, 0, done));
+        if (offers("fsync@openssh.com")) await call((done) => sftp.ext_openssh_fsync(handle, done));
+      } finally {
+        await call((done) => sftp.close(handle, done));
+      }
+    },
+    rename: (from, to) =>
+      call((done) => {
+        if (offers("posix-rename@openssh.com")) sftp.ext_openssh_rename(from, to, done);
+        else sftp.rename(from, to, done);
+      }),
+    list: async (path) =>
+      (await call<Untyped[]>((done) => sftp.readdir(path, done)))
+        .map((item) => ({ name: item.filename, size: item.attrs.size })),
+    lstat: (path) => call((done) => sftp.lstat(path, done)),
+    mkdir: (path) => call((done) => sftp.mkdir(path, { mode: 0o700 }, done)),
+    remove: (path) => call((done) => sftp.unlink(path, done)),
+  };
 }
 
 /** Runs the user's own ssh, `$NFREEZER_SSH` through `sh -c` as git runs GIT_SSH_COMMAND (so
@@ -581,10 +572,8 @@ async function connectSsh(destination: string, port: string, options: Options) {
   }
   const handles = sftp.maxOpenHandles ?? 2 * IN_FLIGHT_UNANNOUNCED; // a close may lag an open,
   const inFlight = Math.max(1, Math.min(IN_FLIGHT_MAX, Math.floor(handles / 2))); // so 2 each
-  const posixRename = sftp._extensions["posix-rename@openssh.com"] === "1";
-  const fsync = sftp._extensions["fsync@openssh.com"] === "1";
-  const [files, local, end] = [sftp as Files, false, () => sftp.end()];
-  return { files, name: destination, local, inFlight, posixRename, fsync, isLost: () => lost, end };
+  const [files, isLost, end] = [sftpFiles(sftp, () => lost), () => lost, () => sftp.end()];
+  return { files, name: destination, local: false, inFlight, isLost, end };
 }
 
 // ---- Backup -----------------------------------------------------------------------------------
@@ -1155,9 +1144,12 @@ async function openRepo(location: string, options: Options, create = false): Pro
  * last, created exclusively and read back: of two runs at once one config wins, the other run
  * stops, and no run writes under a key that is not the repository's. */
 async function createRepo(store: Store, location: string, given: string): Promise<Repo> {
-  const found = await store.lstat("");
-  if (found !== null && !found.isDirectory()) throw new UserError(`${location} is not a folder`);
-  const names = (await store.list("")).map((item) => item.name);
+  let names: string[];
+  try {
+    names = (await store.list("")).map((item) => item.name); // none if it is not there yet
+  } catch {
+    throw new UserError(`${location} is not a folder`);
+  }
   if (names.includes("config")) throw new UserError(`${location} is a repository already`);
   const foreign = names.some((name) => !FOLDERS.includes(name));
   if (foreign) throw new UserError(`${location} is not empty, and not a repository`);
