@@ -22,7 +22,7 @@
 import { Buffer } from "node:buffer";
 import { scryptSync } from "node:crypto";
 import fs from "node:fs";
-import { lutimes, open as openFile } from "node:fs/promises";
+import { type FileHandle, lutimes, open as openFile } from "node:fs/promises";
 import { hostname } from "node:os";
 import { join, matchesGlob, resolve } from "node:path";
 import process from "node:process";
@@ -182,14 +182,18 @@ async function chunkId(keys: Keys, chunk: Bytes): Promise<string> {
 type Repo = { store: Store; keys: Keys };
 type Content = { size: number; chunks: string[] }; // §4: a file's or a manifest's chunks
 type Entry = { path: string; type: "file" | "dir" | "symlink"; mode: number; mtime: number } & {
-  size?: number; // a file's, with its chunks (§5)
+  size?: number;
   chunks?: string[];
-  target?: string; // a symlink's
+  target?: string; // §5: size and chunks of a file, a link's target
 };
 type Snapshot = { id: string; time: string; host: string; source: string; manifest: Content };
 const isHex = (text: unknown, length: number) =>
   typeof text === "string" && text.length === length && /^[0-9a-f]*$/.test(text);
 const parentOf = (path: string) => path.slice(0, Math.max(0, path.lastIndexOf("/")));
+const putJson = async (repo: Repo, name: string, value: unknown) =>
+  await repo.store.write(name, await seal(repo.keys, name, utf8(JSON.stringify(value))));
+const getJson = async (repo: Repo, name: string) =>
+  parseJson(await unseal(repo.keys, name, await repo.store.read(name)), name);
 
 /** §4: a size, and as many 64-hex chunk ids as that size needs. */
 function isContent(value: unknown): value is Content {
@@ -198,24 +202,14 @@ function isContent(value: unknown): value is Content {
   return chunks.length === Math.ceil(size / CHUNK_BYTES) && chunks.every((id) => isHex(id, 64));
 }
 
-async function putJson(repo: Repo, name: string, value: unknown): Promise<void> {
-  await repo.store.write(name, await seal(repo.keys, name, utf8(JSON.stringify(value))));
-}
-
-async function getJson(repo: Repo, name: string) {
-  return parseJson(await unseal(repo.keys, name, await repo.store.read(name)), name);
-}
-
 /** §4: the chunks of a file or manifest in order, each handed out only once it is authenticated
  * and matches its id and its length (which follows from the size and the chunk's index). */
 async function* chunksOf(repo: Repo, content: Content): AsyncGenerator<Bytes> {
   for (const [index, id] of content.chunks.entries()) {
-    const [name, length] = [
-      `data/${id}`,
-      Math.min(CHUNK_BYTES, content.size - index * CHUNK_BYTES),
-    ];
-    const chunk = await unseal(repo.keys, name, await repo.store.read(name, sealedBytes(length)));
-    if (chunk.length !== length || await chunkId(repo.keys, chunk) !== id) throw damaged(name);
+    const length = Math.min(CHUNK_BYTES, content.size - index * CHUNK_BYTES);
+    const object = await repo.store.read(`data/${id}`, sealedBytes(length));
+    const chunk = await unseal(repo.keys, `data/${id}`, object);
+    if (chunk.length !== length || await chunkId(repo.keys, chunk) !== id) throw damaged(id);
     yield chunk;
   }
 }
@@ -244,9 +238,8 @@ async function loadManifest(repo: Repo, snapshot: Snapshot): Promise<Entry[]> {
   }
   const what = `The manifest of snapshot ${snapshot.id}`;
   const entries = parseJson(packed, what, true);
-  if (!Array.isArray(entries) || entries[0]?.path !== "" || entries[0]?.type !== "dir") {
-    throw damaged(what);
-  }
+  const rooted = Array.isArray(entries) && entries[0]?.path === "" && entries[0]?.type === "dir";
+  if (!rooted) throw damaged(what);
   const types = new Map<string, string>();
   for (const entry of entries) {
     const placed = entry?.path === "" || types.get(parentOf(entry?.path)) === "dir";
@@ -311,14 +304,12 @@ async function withLock<T>(repo: Repo, exclusive: boolean, work: () => Promise<T
     }
     const blocking = exclusive ? others[0] : others.find((lock) => lock.exclusive);
     if (blocking) {
+      const what = `${blocking.exclusive ? "forget" : "a backup"} (lock ${blocking.id})`;
       const hint = `if nothing runs on ${blocking.host}, delete locks/${blocking.id} in it`;
-      const what = blocking.exclusive ? "forget" : "a backup";
-      throw new UserError(`The repository is in use by ${what} (lock ${blocking.id})`, 1, hint);
+      throw new UserError(`The repository is in use by ${what}`, 1, hint);
     }
     const leftovers = others.length === 0 ? await repo.store.list("tmp") : []; // §7: killed runs'
-    for (const { name } of leftovers.filter((item) => isHex(item.name, 16))) {
-      await repo.store.remove(`tmp/${name}`);
-    }
+    for (const { name } of leftovers) if (isHex(name, 16)) await repo.store.remove(`tmp/${name}`);
     return await work();
   } finally {
     await repo.store.remove(`locks/${own}`).catch(() => {});
@@ -340,15 +331,12 @@ function makeLimiter(maxBytes: number, maxCount: number) {
   const running = new Map<Promise<void>, number>(); // each running task and its size
   const errors: unknown[] = [];
   const runningBytes = () => [...running.values()].reduce((sum, size) => sum + size, 0);
-  const settle = async (task: () => Promise<unknown>) => {
-    await task().catch((error) => errors.push(error));
-  };
   async function add(size: number, task: () => Promise<unknown>): Promise<void> {
     while (running.size > 0 && (running.size >= maxCount || runningBytes() + size > maxBytes)) {
       await Promise.race(running.keys());
     }
     if (errors.length > 0) throw errors[0];
-    const promise = settle(task);
+    const promise = task().then(() => {}, (error) => void errors.push(error));
     running.set(promise, size);
     promise.then(() => running.delete(promise));
   }
@@ -363,23 +351,22 @@ function makeLimiter(maxBytes: number, maxCount: number) {
 
 // deno-lint-ignore no-explicit-any
 type Untyped = any; // what ssh2 (it ships no types) hands back, and errors of any kind
-type Info = { isDirectory(): boolean };
-/** What a Store needs of an SFTP server or a local folder, by full path. `read` gives the first
- * `length` bytes (fewer if the file is shorter), `create` writes a new file (exclusively, mode
- * 0600) and syncs it where the server can, `rename` replaces its target atomically where the
- * server can (else it fails if the target exists), `list` gives names and sizes. */
+/** What a Store needs of an SFTP server or a local folder, by full path: `read` gives the first
+ * `length` bytes (fewer if the file is shorter); `create` writes a new file (exclusively, mode
+ * 0600) and syncs it; `rename` replaces its target atomically where the server can. */
 type Files = {
   read(path: string, length: number): Promise<Buffer>;
   create(path: string, data: Buffer): Promise<void>;
   rename(from: string, to: string): Promise<void>;
   list(path: string): Promise<{ name: string; size: number }[]>;
-  lstat(path: string): Promise<Info>;
+  lstat(path: string): Promise<unknown>;
   mkdir(path: string): Promise<void>;
   remove(path: string): Promise<void>;
 };
-/** Files, where they are, how many objects may be in flight, and how a connection ends. */
+/** Files, where they are, how many objects may be in flight, whether the connection has ended
+ * (then a failed read is not damage), and how to end it. */
 type Connection = { files: Files; name: string; local: boolean; inFlight: number } & {
-  isLost: () => boolean; // after that, a failed read is not damage
+  isLost: () => boolean;
   end: () => void;
 };
 type Store = ReturnType<typeof makeStore>;
@@ -387,8 +374,8 @@ const FOLDERS = ["snapshots", "data", "locks", "tmp"]; // §1
 const isMissing = (error: Untyped) => ["ENOENT", "ENOTDIR", 2].includes(error?.code); // 2: SFTP's
 const { O_RDONLY, O_WRONLY, O_CREAT, O_EXCL, O_NOFOLLOW, O_NONBLOCK, O_DIRECTORY } = fs.constants;
 
-/** A Store: objects read and written whole, by name, inside root. Every failure is one line
- * ("Cannot read data/…: reason"); a failed read is damage (exit 3) unless the connection ended. */
+/** A Store: objects read and written whole, by name, inside root. A failure is one line ("Cannot
+ * read data/…: reason"); a failed read is damage (exit 3) unless the connection has ended. */
 function makeStore(connection: Connection, root: string) {
   const { files } = connection;
   const path = (name: string) => name ? `${root}/${name}` : root;
@@ -417,7 +404,6 @@ function makeStore(connection: Connection, root: string) {
     local: connection.local,
     inFlight: connection.inFlight,
     close: connection.end,
-    lstat,
     create,
     exists: async (name: string) => (await lstat(name)) !== null,
     /** The whole object, of the size given (else its own, at most SMALL_OBJECT_BYTES). */
@@ -445,6 +431,8 @@ function makeStore(connection: Connection, root: string) {
       return await run("list", folder, () => files.list(path(folder)));
     },
     remove: (name: string) => run("delete", name, () => files.remove(path(name))),
+    /** §1: a real folder (a link could lead writes and deletes elsewhere). */
+    isFolder: async (name: string) => (await lstat(name) as fs.Stats | null)?.isDirectory(),
     /** mkdir -p of the root (mode 0700), then §1's folders in it. */
     async makeFolders(): Promise<void> {
       const parts = root.split("/");
@@ -519,7 +507,7 @@ function sftpFiles(sftp: Untyped, isLost: () => boolean): Files {
     rename: (from, to) =>
       call((done) => {
         if (offers("posix-rename@openssh.com")) sftp.ext_openssh_rename(from, to, done);
-        else sftp.rename(from, to, done);
+        else sftp.rename(from, to, done); // SFTP v3: fails if `to` exists
       }),
     list: async (path) =>
       (await call<Untyped[]>((done) => sftp.readdir(path, done)))
@@ -632,8 +620,7 @@ async function readFileChunks(path: string, use: UseChunk): Promise<FileState | 
       }
       chunks.push(await use(chunk));
     }
-    const after = await file.stat();
-    const mtime = before.mtime.getTime();
+    const [after, mtime] = [await file.stat(), before.mtime.getTime()];
     if (after.size !== before.size || after.mtime.getTime() !== mtime) return null;
     return { size: before.size, mtime, chunks };
   } finally {
@@ -662,13 +649,12 @@ async function backup(repo: Repo, root: string, options: Options, ui: Ui): Promi
   const started = Date.now();
   const snapshots = await listSnapshots(repo, ui);
   const parent = snapshots.findLast((item) => item.host === hostname() && item.source === root);
-  const before = parent
-    ? await loadManifest(repo, parent).catch((error) => {
-      if (!isDamage(error)) throw error;
-      ui.problem(`the parent snapshot: ${error.message}; every file is read`, 3);
-      return [];
-    })
-    : [];
+  const orphan = (error: Error) => {
+    if (!isDamage(error)) throw error;
+    ui.problem(`the parent snapshot: ${error.message}; every file is read`, 3);
+    return [];
+  };
+  const before = parent ? await loadManifest(repo, parent).catch(orphan) : [];
   const previous = new Map(before.map((entry) => [entry.path, entry]));
   const known = new Set(before.flatMap((entry) => entry.chunks ?? [])); // §4: stored already
   const uploads = makeLimiter(IN_FLIGHT_BYTES, repo.store.inFlight);
@@ -723,8 +709,7 @@ async function backup(repo: Repo, root: string, options: Options, ui: Ui): Promi
   }
   const manifest = { size: packed.length, chunks: [] as string[] };
   for (let offset = 0; offset < packed.length; offset += CHUNK_BYTES) {
-    const chunk = new Uint8Array(packed.subarray(offset, offset + CHUNK_BYTES));
-    manifest.chunks.push(await putChunk(chunk));
+    manifest.chunks.push(await putChunk(packed.slice(offset, offset + CHUNK_BYTES)));
   }
   await uploads.drain(); // §6: every chunk is stored before a snapshot can refer to it
   repo.store.syncFolder("data");
@@ -740,6 +725,8 @@ async function backup(repo: Repo, root: string, options: Options, ui: Ui): Promi
 /** True if `path` is `folder` or lies under it ("" is the root, above every path). */
 const isWithin = (path: string, folder: string) =>
   folder === "" || path === folder || path.startsWith(`${folder}/`);
+/** node:fs takes seconds: half a millisecond more keeps float rounding from losing one. */
+const fsTime = (entry: Entry) => (entry.mtime + 0.5) / 1000;
 
 /** The entries --include selects: each path named, what is under it, and the folders above it. */
 function selectEntries(entries: Entry[], includes: string[]): Entry[] {
@@ -752,9 +739,6 @@ function selectEntries(entries: Entry[], includes: string[]): Entry[] {
   );
 }
 
-/** node:fs takes seconds: half a millisecond more keeps float rounding from losing one. */
-const fsTime = (entry: Entry) => (entry.mtime + 0.5) / 1000;
-
 /** True if path holds a regular file with the entry's size, time, mode and chunks. */
 async function isRestored(repo: Repo, path: string, entry: Entry): Promise<boolean> {
   const info = await Deno.lstat(path).catch(() => null);
@@ -763,6 +747,16 @@ async function isRestored(repo: Repo, path: string, entry: Entry): Promise<boole
   if (!same || mode !== (entry.mode & RESTORED_MODE_BITS)) return false;
   const found = await readFileChunks(path, (chunk) => chunkId(repo.keys, chunk)).catch(() => null);
   return found?.chunks.join() === entry.chunks!.join();
+}
+
+/** Sets the entry's mode (never setuid or setgid) and time through an open file or folder. */
+async function finish(file: FileHandle, entry: Entry): Promise<void> {
+  try {
+    await file.chmod(entry.mode & RESTORED_MODE_BITS);
+    await file.utimes(fsTime(entry), fsTime(entry));
+  } finally {
+    await file.close();
+  }
 }
 
 /** The target's real path: a folder, made if missing. Run as root, a target that another user
@@ -839,11 +833,11 @@ async function restore(repo: Repo, target: string, options: Options, ui: Ui): Pr
         done.written += chunk.length;
         ui.status(progress);
       }
-      await file.chmod(entry.mode & RESTORED_MODE_BITS); // through the handle, not the path
-      await file.utimes(fsTime(entry), fsTime(entry));
-    } finally {
+    } catch (error) {
       await file.close();
+      throw error;
     }
+    await finish(file, entry); // mode and time through the handle, not the path
     await Deno.rename(temporary, path); // replaces a file or link there, never follows it
   }
   async function restoreLink(entry: Entry, path: string, temporary: string): Promise<void> {
@@ -851,15 +845,8 @@ async function restore(repo: Repo, target: string, options: Options, ui: Ui): Pr
     await lutimes(temporary, fsTime(entry), fsTime(entry));
     await Deno.rename(temporary, path);
   }
-  async function finishFolder(entry: Entry, path: string): Promise<void> {
-    const folder = await openFile(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW);
-    try {
-      await folder.chmod(entry.mode & RESTORED_MODE_BITS);
-      await folder.utimes(fsTime(entry), fsTime(entry));
-    } finally {
-      await folder.close();
-    }
-  }
+  const finishFolder = async (entry: Entry, path: string) =>
+    await finish(await openFile(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW), entry);
   try {
     const restoring = makeLimiter(IN_FLIGHT_BYTES, repo.store.inFlight);
     for (const [index, entry] of entries.entries()) { // path order: a folder before what it holds
@@ -875,22 +862,13 @@ async function restore(repo: Repo, target: string, options: Options, ui: Ui): Pr
     await Deno.remove(scratch, { recursive: true }); // before the target's own time is set
   }
   for (const entry of entries.toReversed()) { // deepest first
-    if (entry.type === "dir" && !failed.has(entry.path)) {
-      await attempt(entry, (path) => finishFolder(entry, path));
-    }
+    const work = (path: string) => finishFolder(entry, path);
+    if (entry.type === "dir" && !failed.has(entry.path)) await attempt(entry, work);
   }
   ui.info(`Restored snapshot ${snapshot.id}: ${progress()}`);
 }
 
 // ---- Maintenance: snapshots, forget (§9) ------------------------------------------------------
-
-async function listCommand(repo: Repo, options: Options, ui: Ui): Promise<void> {
-  const snapshots = await listSnapshots(repo, ui);
-  if (options.json) return console.log(JSON.stringify(snapshots, null, 2));
-  for (const { id, time, host, source, bytes } of snapshots as Untyped[]) {
-    ui.info(`${id}  ${time}  ${host}:${source}  ${mib(bytes)}`);
-  }
-}
 
 /** §9: keeps the newest `keep` snapshots of each host and source folder and removes the others,
  * then deletes every data object no remaining snapshot needs. If a snapshot or manifest does not
@@ -898,9 +876,8 @@ async function listCommand(repo: Repo, options: Options, ui: Ui): Promise<void> 
  * snapshot left restores: snapshots go first, then the objects that only they needed. */
 async function forget(repo: Repo, keep: number, ui: Ui): Promise<void> {
   const snapshots = await listSnapshots(repo, ui);
-  if (ui.problems > 0) {
-    throw new UserError("Nothing deleted: a damaged snapshot may need any data", 3);
-  }
+  const refuse = (why: string) => new UserError(`Nothing deleted: ${why}`, 3);
+  if (ui.problems > 0) throw refuse("a snapshot that does not open may need any data");
   const counts = new Map<string, number>(); // snapshots seen of each host and source, newest first
   const forgotten = snapshots.toReversed().filter((snapshot) => {
     const group = JSON.stringify([snapshot.host, snapshot.source]);
@@ -910,8 +887,7 @@ async function forget(repo: Repo, keep: number, ui: Ui): Promise<void> {
   const needed = new Set<string>();
   for (const snapshot of snapshots.filter((snapshot) => !forgotten.includes(snapshot))) {
     const entries = await loadManifest(repo, snapshot).catch((error) => {
-      if (!isDamage(error)) throw error;
-      throw new UserError(`Nothing deleted: ${error.message}`, 3);
+      throw isDamage(error) ? refuse(error.message) : error;
     });
     for (const id of snapshot.manifest.chunks) needed.add(id);
     for (const entry of entries) entry.chunks?.forEach((id) => needed.add(id));
@@ -938,7 +914,7 @@ const USAGE = `Usage: ${SELF} <command> ...     (nfreezer ${VERSION}: encrypted 
   init      <repo>                create a repository (backup needs one)
   backup    <source-dir> <repo>   add a snapshot         [--exclude GLOB]...
   restore   <repo> <target-dir>   restore a snapshot     [--snapshot ID] [--include PATH]...
-  snapshots <repo>                list the snapshots     [--json]
+  snapshots <repo>                list the snapshots
   forget    <repo> --keep-last N  keep the newest N snapshots of each source folder, delete the
                                   others and the data only they need
 <repo>: /local/path, ./relative/path, user@host:path or sftp://user@host[:port]/path.
@@ -952,39 +928,30 @@ Options:
   -q, --quiet  only warnings and errors      -h, --help  this help      --version  the version
 Exit codes: 0 ok, 1 error, 2 usage error, 3 integrity error (tampered or missing data)`;
 type Options = Record<string, Untyped>;
-const [STRING, LIST, FLAG] = [{ type: "string" }, { type: "string", multiple: true }, {
-  type: "boolean",
-}] as const;
 const OPTIONS = {
-  exclude: LIST,
-  snapshot: STRING,
-  include: LIST,
-  json: FLAG,
-  "keep-last": STRING,
-  "password-file": STRING,
-  identity: { ...STRING, short: "i" },
-  "known-hosts": STRING,
-  "accept-new-host": FLAG,
-  quiet: { ...FLAG, short: "q" },
-  help: { ...FLAG, short: "h" },
-  version: FLAG,
+  exclude: { type: "string", multiple: true },
+  snapshot: { type: "string" },
+  include: { type: "string", multiple: true },
+  "keep-last": { type: "string" },
+  "password-file": { type: "string" },
+  identity: { type: "string", short: "i" },
+  "known-hosts": { type: "string" },
+  "accept-new-host": { type: "boolean" },
+  quiet: { type: "boolean", short: "q" },
+  help: { type: "boolean", short: "h" },
+  version: { type: "boolean" },
 } as const;
-/** Each command: its positional arguments ("<repo>" is opened before `run`), the options only it
- * takes, and what it checks before the repository is opened (and a passphrase is asked for). */
-type Command = { args: string[]; options: string[] } & {
-  check?: (args: string[], options: Options) => void;
-  run: (repo: Repo, args: string[], options: Options, ui: Ui) => Promise<void>;
+/** Each command: its arguments ("<repo>" is opened before `run`), the options only it takes, and
+ * what it checks before the repository is opened (and a passphrase is asked for). */
+type Command = { args: string[]; options: string[]; check?: (args: string[]) => void } & {
+  run: (repo: Repo, args: string[], options: Options, ui: Ui) => Promise<unknown>;
 };
 const COMMANDS: Record<string, Command> = {
-  init: {
-    args: ["<repo>"],
-    options: [],
-    run: (_repo, [location], _options, ui) => Promise.resolve(ui.info(`Created ${location}`)),
-  },
+  init: { args: ["<repo>"], options: [], run: async () => {} }, // openRepo makes it
   backup: {
     args: ["<source-dir>", "<repo>"],
     options: ["exclude"],
-    check([source]) {
+    check: ([source]) => {
       if (!Deno.statSync(source).isDirectory) throw new UserError(`${source} is not a folder`);
     },
     run: (repo, [source], options, ui) =>
@@ -997,17 +964,16 @@ const COMMANDS: Record<string, Command> = {
   },
   snapshots: {
     args: ["<repo>"],
-    options: ["json"],
-    run: (repo, _args, options, ui) => listCommand(repo, options, ui),
+    options: [],
+    run: async (repo, _args, _options, ui) => {
+      for (const { id, time, host, source, bytes } of await listSnapshots(repo, ui) as Untyped[]) {
+        ui.info(`${id}  ${time}  ${host}:${source}  ${mib(bytes)}`);
+      }
+    },
   },
   forget: {
     args: ["<repo>"],
     options: ["keep-last"],
-    check(_args, options) {
-      const keep = Number(options["keep-last"]);
-      if (Number.isInteger(keep) && keep >= 1) return;
-      throw new UserError("forget takes --keep-last N, a whole number from 1", 2, HELP);
-    },
     run: (repo, _args, options, ui) =>
       withLock(repo, true, () => forget(repo, Number(options["keep-last"]), ui)),
   },
@@ -1104,9 +1070,8 @@ function parseLocation(location: string) {
   if (location.startsWith("sftp://")) {
     const url = URL.parse(location);
     const path = decodeURIComponent(url?.pathname ?? "").replace(/^\/~\//, ""); // ~/: home
-    if (!url?.hostname || path === "" || path === "/") {
-      throw new UserError(`${location}: write sftp://user@host[:port]/path`, 2, HELP);
-    }
+    const usage = new UserError(`${location}: write sftp://user@host[:port]/path`, 2, HELP);
+    if (!url?.hostname || path === "" || path === "/") throw usage;
     const user = url.username ? `${decodeURIComponent(url.username)}@` : "";
     const host = url.hostname.replace(/^\[(.*)\]$/, "$1"); // ssh takes [::1] as ::1
     return { destination: user + host, port: url.port, path };
@@ -1129,8 +1094,8 @@ async function openRepo(location: string, options: Options, create = false): Pro
     const names = (await store.list("")).map((item) => item.name);
     const hint = `create one with: ${SELF} init ${location}`;
     if (!names.includes("config")) throw new UserError(`No repository at ${location}`, 1, hint);
-    for (const folder of FOLDERS) { // §1: a link could lead writes and deletes elsewhere
-      if (!(await store.lstat(folder))?.isDirectory()) throw damaged(`${path}/${folder}`);
+    for (const folder of FOLDERS) {
+      if (!await store.isFolder(folder)) throw damaged(`${path}/${folder}`);
     }
     const config = await store.read("config");
     return { store, keys: await unlockConfig(config, await getPassphrase(given, false)) };
@@ -1144,12 +1109,9 @@ async function openRepo(location: string, options: Options, create = false): Pro
  * last, created exclusively and read back: of two runs at once one config wins, the other run
  * stops, and no run writes under a key that is not the repository's. */
 async function createRepo(store: Store, location: string, given: string): Promise<Repo> {
-  let names: string[];
-  try {
-    names = (await store.list("")).map((item) => item.name); // none if it is not there yet
-  } catch {
-    throw new UserError(`${location} is not a folder`);
-  }
+  const listing = await store.list("").catch(() => null); // none if it is not there yet
+  if (listing === null) throw new UserError(`${location} is not a folder`);
+  const names = listing.map((item) => item.name);
   if (names.includes("config")) throw new UserError(`${location} is a repository already`);
   const foreign = names.some((name) => !FOLDERS.includes(name));
   if (foreign) throw new UserError(`${location} is not empty, and not a repository`);
@@ -1177,17 +1139,22 @@ async function runCli(argv: string[]): Promise<void> {
   const command = COMMANDS[name];
   const usage = `usage: ${SELF} ${name} ${command.args.join(" ")}`;
   const owned = Object.values(COMMANDS).flatMap((other) => other.options);
-  const foreign = Object.keys(options).find((key) =>
-    owned.includes(key) && !command.options.includes(key)
-  );
-  if (foreign) throw new UserError(`${name} does not take --${foreign}`, 2, usage);
+  const foreign = Object.keys(options).find((key) => owned.includes(key));
+  if (foreign && !command.options.includes(foreign)) {
+    throw new UserError(`${name} does not take --${foreign}`, 2, usage);
+  }
+  const keep = Number(options["keep-last"]);
+  if (name === "forget" && !(Number.isInteger(keep) && keep >= 1)) {
+    throw new UserError("forget takes --keep-last N, a whole number from 1", 2, usage);
+  }
   if (args.length !== command.args.length) {
     throw new UserError(`${name} takes ${command.args.join(" ")}`, 2, usage);
   }
-  command.check?.(args, options);
+  command.check?.(args);
   const ui = makeUi(options.quiet === true);
   const repo = await openRepo(args[command.args.indexOf("<repo>")], options, name === "init");
   await command.run(repo, args, options, ui).finally(() => repo.store.close());
+  if (name === "init") ui.info(`Created ${args[0]}`);
   const problems = `${ui.problems} problem${ui.problems === 1 ? "" : "s"} (see the warnings above)`;
   if (ui.problems > 0) throw new UserError(problems, ui.exitCode);
 }
