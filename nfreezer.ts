@@ -1,8 +1,7 @@
 #!/usr/bin/env -S deno run -A --v8-flags=--max-semi-space-size=8,--heap-growing-percent=20
 /**
  * nfreezer.ts: encrypted-at-rest backups to an SFTP server or a local disk, in one auditable file.
- *   deno run -A nfreezer.ts init user@host:/backups/docs              (--help for the rest)
- *   deno run -A nfreezer.ts backup ~/Documents user@host:/backups/docs
+ *   deno run -A nfreezer.ts init user@host:/backups/docs      (then backup, restore: see --help)
  * THREAT MODEL. Trusted: this machine, the passphrase, the user's OpenSSH client and known_hosts.
  * Untrusted: the storage server, anyone who can write to the repository, the network, and what a
  *   restore target already holds.
@@ -13,8 +12,8 @@
  *   repository. Memory stays bounded whatever the stored objects hold.
  * Not hidden: the total size, number and Padmé-padded sizes of objects (so a changed file's size
  *   to ~12%), when backups run and how much changed. The server can delete the repository or
- *   withhold the newest snapshots, undetected. A local user who can write to a folder above or
- *   inside a restore target can still redirect that restore (README: Threat model).
+ *   withhold the newest snapshots, undetected. Another local user who can write to a folder
+ *   above a restore target can redirect that restore (see the README's threat model).
  * FORMAT 2: §1 layout, §2 config, §3 objects, §4 chunks, §5 manifest, §6 snapshots, §7 writes,
  * §8 locks, §9 forget, cited in the code; the README's Format section has each in full.
  */
@@ -47,7 +46,7 @@ const MANIFEST_MAX_BYTES = 256 * 2 ** 20; // §5: its JSON and its gzip, when wr
 const SMALL_OBJECT_BYTES = 64 * 1024; // §2, §6, §8: a few hundred bytes; larger is refused unread
 const IN_FLIGHT_BYTES = 12 * 2 ** 20; // chunk bytes sealed, sent or fetched at once (memory)
 const IN_FLIGHT_MAX = 256; // objects at once, hiding round trips (measured: more gains nothing)
-const IN_FLIGHT_UNANNOUNCED = 96; // a server that announces no handle limit (gesftpserver: 128)
+const IN_FLIGHT_UNANNOUNCED = 96; // where a server announces no handle limit (gesftpserver: 128)
 const RESTORED_MODE_BITS = 0o1777; // never setuid or setgid: owners are not restored
 const SCRATCH_PREFIX = ".nfreezer-restore-"; // restore's private 0700 folder inside the target
 const CONNECT_TIMEOUT_SECONDS = 20; // for ssh: an unreachable host fails instead of hanging
@@ -59,7 +58,6 @@ class UserError extends Error {
     super(message, { cause });
   }
 }
-
 const damaged = (what: string) => new UserError(`${what} is corrupted or tampered with`, 3);
 const isDamage = (error: unknown) => error instanceof UserError && error.exitCode === 3;
 
@@ -643,10 +641,11 @@ async function storeFile(root: string, path: string, useChunk: UseChunk, ui: Ui)
   return null;
 }
 
-/** Adds a snapshot of root: reads only files whose size or mtime changed, sends only new chunks.
+/** Adds a snapshot of source: reads only files whose size or mtime changed, sends only new chunks.
  * Its progress line, redrawn as it works, is also its summary. */
-async function backup(repo: Repo, root: string, options: Options, ui: Ui): Promise<void> {
-  const started = Date.now();
+async function backup(repo: Repo, [source]: string[], options: Options, ui: Ui): Promise<void> {
+  if (!Deno.statSync(source).isDirectory) throw new UserError(`${source} is not a folder`);
+  const [started, root] = [Date.now(), Deno.realPathSync(source)];
   const snapshots = await listSnapshots(repo, ui);
   const parent = snapshots.findLast((item) => item.host === hostname() && item.source === root);
   const orphan = (error: Error) => {
@@ -739,55 +738,41 @@ function selectEntries(entries: Entry[], includes: string[]): Entry[] {
   );
 }
 
-/** True if path holds a regular file with the entry's size, time, mode and chunks. */
-async function isRestored(repo: Repo, path: string, entry: Entry): Promise<boolean> {
-  const info = await Deno.lstat(path).catch(() => null);
-  const mode = (info?.mode ?? 0) & 0o7777;
-  const same = info?.isFile && info.size === entry.size && info.mtime?.getTime() === entry.mtime;
-  if (!same || mode !== (entry.mode & RESTORED_MODE_BITS)) return false;
-  const found = await readFileChunks(path, (chunk) => chunkId(repo.keys, chunk)).catch(() => null);
-  return found?.chunks.join() === entry.chunks!.join();
-}
-
-/** Sets the entry's mode (never setuid or setgid) and time through an open file or folder. */
+/** Sets an entry's mode (never setuid or setgid) and time through an open file or folder. */
 async function finish(file: FileHandle, entry: Entry): Promise<void> {
-  try {
-    await file.chmod(entry.mode & RESTORED_MODE_BITS);
-    await file.utimes(fsTime(entry), fsTime(entry));
-  } finally {
-    await file.close();
-  }
+  await file.chmod(entry.mode & RESTORED_MODE_BITS);
+  await file.utimes(fsTime(entry), fsTime(entry)).finally(() => file.close());
 }
 
-/** The target's real path: a folder, made if missing. Run as root, a target that another user
- * could write to is refused: they could swap its folders while the restore runs. */
+/** The target's real path: a folder, made if missing. As root, a target another user could write
+ * to is refused (they could swap its folders mid-restore); a killed restore's folder is removed. */
 async function prepareTarget(target: string): Promise<string> {
-  const info = await Deno.stat(target).catch(() => null);
-  if (info !== null && !info.isDirectory) throw new UserError(`${target} is not a folder`);
-  if (info === null) await Deno.mkdir(target, { recursive: true });
-  const root = Deno.realPathSync(target);
-  const { uid, mode } = Deno.statSync(root);
-  const othersCanWrite = uid !== 0 || ((mode! & 0o022) !== 0 && (mode! & 0o1000) === 0);
-  if (Deno.uid() === 0 && othersCanWrite) {
-    const hint = "restore into a folder only root can write to, then move what you need";
-    throw new UserError(`${target} can be written by users other than root`, 1, hint);
+  if ((await Deno.stat(target).catch(() => null))?.isFile) {
+    throw new UserError(`${target} is a file`);
   }
-  for (const item of Deno.readDirSync(root)) { // the private folder of a killed restore
+  await Deno.mkdir(target, { recursive: true });
+  const [root, owner] = [Deno.realPathSync(target), Deno.uid()];
+  const { uid, mode } = Deno.statSync(root);
+  const othersCanWrite = uid !== owner || ((mode! & 0o022) !== 0 && (mode! & 0o1000) === 0);
+  const hint = "restore into a folder only root can write to, then move what you need";
+  if (owner === 0 && othersCanWrite) throw new UserError(`Others can write to ${target}`, 1, hint);
+  for (const item of Deno.readDirSync(root)) {
     const ours = item.isDirectory && item.name.startsWith(SCRATCH_PREFIX);
     if (ours) await Deno.remove(join(root, item.name), { recursive: true });
   }
   return root;
 }
 
-/** Restores into target in path order: folders (each 0700, so private, until the end), files
- * (many at once) and links, each made in a private folder inside the target and renamed into
- * place; then the folders' modes and times, deepest first. Nothing is written through a link
- * found in the target; an entry whose folder failed is named, not attempted. */
-async function restore(repo: Repo, target: string, options: Options, ui: Ui): Promise<void> {
+/** Restores into target in path order: folders (0700, so private, until the end), files (many at
+ * once) and links, each made in a private folder inside the target and renamed into place; then
+ * the folders' modes and times, deepest first. Nothing is written through a link found in the
+ * target; a file already there with the entry's size, time, mode and chunks is left alone; an
+ * entry whose folder failed is named, not attempted. */
+async function restore(repo: Repo, [, target]: string[], options: Options, ui: Ui): Promise<void> {
   const started = Date.now();
   const snapshot = await findSnapshot(repo, ui, options.snapshot);
   const entries = selectEntries(await loadManifest(repo, snapshot), options.include ?? []);
-  const root = await prepareTarget(target);
+  const root = await prepareTarget(resolve(target));
   const scratch = await Deno.makeTempDir({ dir: root, prefix: SCRATCH_PREFIX }); // mode 0700
   const total = entries.reduce((sum, entry) => sum + (entry.size ?? 0), 0);
   const done = { files: 0, same: 0, bytes: 0, written: 0 };
@@ -795,7 +780,7 @@ async function restore(repo: Repo, target: string, options: Options, ui: Ui): Pr
     `${done.files - done.same} files written, ${done.same} already there; ` +
     `${mib(done.bytes)} of ${mib(total)}, ${mib(done.written)} written; ${since(started)}`;
   const failed = new Set<string>();
-  async function attempt(entry: Entry, work: (path: string) => Promise<void>): Promise<void> {
+  async function attempt(entry: Entry, work: (path: string) => Promise<unknown>): Promise<void> {
     if (entry.path !== "" && failed.has(parentOf(entry.path))) {
       failed.add(entry.path);
       return ui.problem(`cannot restore ${entry.path}: its folder could not be restored`);
@@ -816,27 +801,36 @@ async function restore(repo: Repo, target: string, options: Options, ui: Ui): Pr
     const folder = await openFile(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW);
     await folder.chmod(0o700).finally(() => folder.close()); // writable for us, closed to others
   }
+  async function isRestored(entry: Entry, path: string): Promise<boolean> {
+    const info = await Deno.lstat(path).catch(() => null);
+    const mode = (info?.mode ?? 0) & 0o7777;
+    const same = info?.isFile && info.size === entry.size && info.mtime?.getTime() === entry.mtime;
+    if (!same || mode !== (entry.mode & RESTORED_MODE_BITS)) return false;
+    const found = await readFileChunks(path, (chunk) => chunkId(repo.keys, chunk)).catch(() =>
+      null
+    );
+    return found?.chunks.join() === entry.chunks!.join();
+  }
   async function restoreFile(entry: Entry, path: string, temporary: string): Promise<void> {
     done.files++;
-    if (await isRestored(repo, path, entry)) {
+    if (await isRestored(entry, path)) {
       done.same++;
       done.bytes += entry.size!;
       return;
     }
     const file = await openFile(temporary, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, 0o600);
-    try {
+    const write = async () => {
       for await (const chunk of chunksOf(repo, entry as Content)) { // §4: each one verified
-        for (let written = 0; written < chunk.length;) {
-          written += (await file.write(chunk, written)).bytesWritten;
-        }
+        for (let at = 0; at < chunk.length;) at += (await file.write(chunk, at)).bytesWritten;
         done.bytes += chunk.length;
         done.written += chunk.length;
         ui.status(progress);
       }
-    } catch (error) {
+    };
+    await write().catch(async (error) => {
       await file.close();
       throw error;
-    }
+    });
     await finish(file, entry); // mode and time through the handle, not the path
     await Deno.rename(temporary, path); // replaces a file or link there, never follows it
   }
@@ -845,8 +839,6 @@ async function restore(repo: Repo, target: string, options: Options, ui: Ui): Pr
     await lutimes(temporary, fsTime(entry), fsTime(entry));
     await Deno.rename(temporary, path);
   }
-  const finishFolder = async (entry: Entry, path: string) =>
-    await finish(await openFile(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW), entry);
   try {
     const restoring = makeLimiter(IN_FLIGHT_BYTES, repo.store.inFlight);
     for (const [index, entry] of entries.entries()) { // path order: a folder before what it holds
@@ -862,7 +854,8 @@ async function restore(repo: Repo, target: string, options: Options, ui: Ui): Pr
     await Deno.remove(scratch, { recursive: true }); // before the target's own time is set
   }
   for (const entry of entries.toReversed()) { // deepest first
-    const work = (path: string) => finishFolder(entry, path);
+    const work = async (path: string) =>
+      await finish(await openFile(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW), entry);
     if (entry.type === "dir" && !failed.has(entry.path)) await attempt(entry, work);
   }
   ui.info(`Restored snapshot ${snapshot.id}: ${progress()}`);
@@ -870,11 +863,20 @@ async function restore(repo: Repo, target: string, options: Options, ui: Ui): Pr
 
 // ---- Maintenance: snapshots, forget (§9) ------------------------------------------------------
 
+async function snapshots(repo: Repo, _args: string[], _options: Options, ui: Ui): Promise<void> {
+  for (const { id, time, host, source, bytes } of await listSnapshots(repo, ui) as Untyped[]) {
+    ui.info(`${id}  ${time}  ${host}:${source}  ${mib(bytes)}`);
+  }
+}
+
 /** §9: keeps the newest `keep` snapshots of each host and source folder and removes the others,
  * then deletes every data object no remaining snapshot needs. If a snapshot or manifest does not
  * open, nothing is deleted (exit 3): it might need any object. Killed at any point, every
  * snapshot left restores: snapshots go first, then the objects that only they needed. */
-async function forget(repo: Repo, keep: number, ui: Ui): Promise<void> {
+async function forget(repo: Repo, _args: string[], options: Options, ui: Ui): Promise<void> {
+  const keep = Number(options["keep-last"]);
+  const usage = "forget takes --keep-last N, a whole number from 1";
+  if (!Number.isInteger(keep) || keep < 1) throw new UserError(usage, 2, HELP);
   const snapshots = await listSnapshots(repo, ui);
   const refuse = (why: string) => new UserError(`Nothing deleted: ${why}`, 3);
   if (ui.problems > 0) throw refuse("a snapshot that does not open may need any data");
@@ -925,7 +927,7 @@ Options:
   -i, --identity FILE   SSH key for ssh ($NFREEZER_SSH, default ssh, with its ~/.ssh/config)
   --known-hosts FILE    SSH known hosts file (ssh's UserKnownHostsFile)
   --accept-new-host     trust and remember the key of a host not yet in known_hosts
-  -q, --quiet  only warnings and errors      -h, --help  this help      --version  the version
+  -h, --help            this help                   --version  the version
 Exit codes: 0 ok, 1 error, 2 usage error, 3 integrity error (tampered or missing data)`;
 type Options = Record<string, Untyped>;
 const OPTIONS = {
@@ -937,52 +939,26 @@ const OPTIONS = {
   identity: { type: "string", short: "i" },
   "known-hosts": { type: "string" },
   "accept-new-host": { type: "boolean" },
-  quiet: { type: "boolean", short: "q" },
   help: { type: "boolean", short: "h" },
   version: { type: "boolean" },
 } as const;
-/** Each command: its arguments ("<repo>" is opened before `run`), the options only it takes, and
- * what it checks before the repository is opened (and a passphrase is asked for). */
-type Command = { args: string[]; options: string[]; check?: (args: string[]) => void } & {
-  run: (repo: Repo, args: string[], options: Options, ui: Ui) => Promise<unknown>;
+/** Each command: its arguments ("<repo>" is opened first), the options only it takes, the lock
+ * it holds (§8), and what it does. */
+type Command = { args: string[]; options: string[]; lock?: "shared" | "exclusive" } & {
+  run: (repo: Repo, args: string[], options: Options, ui: Ui) => Promise<void>;
 };
 const COMMANDS: Record<string, Command> = {
-  init: { args: ["<repo>"], options: [], run: async () => {} }, // openRepo makes it
-  backup: {
-    args: ["<source-dir>", "<repo>"],
-    options: ["exclude"],
-    check: ([source]) => {
-      if (!Deno.statSync(source).isDirectory) throw new UserError(`${source} is not a folder`);
-    },
-    run: (repo, [source], options, ui) =>
-      withLock(repo, false, () => backup(repo, Deno.realPathSync(source), options, ui)),
-  },
-  restore: {
-    args: ["<repo>", "<target-dir>"],
-    options: ["snapshot", "include"],
-    run: (repo, [, target], options, ui) => restore(repo, resolve(target), options, ui),
-  },
-  snapshots: {
-    args: ["<repo>"],
-    options: [],
-    run: async (repo, _args, _options, ui) => {
-      for (const { id, time, host, source, bytes } of await listSnapshots(repo, ui) as Untyped[]) {
-        ui.info(`${id}  ${time}  ${host}:${source}  ${mib(bytes)}`);
-      }
-    },
-  },
-  forget: {
-    args: ["<repo>"],
-    options: ["keep-last"],
-    run: (repo, _args, options, ui) =>
-      withLock(repo, true, () => forget(repo, Number(options["keep-last"]), ui)),
-  },
+  init: { args: ["<repo>"], options: [], run: () => Promise.resolve() }, // openRepo makes it
+  backup: { args: ["<source-dir>", "<repo>"], options: ["exclude"], lock: "shared", run: backup },
+  restore: { args: ["<repo>", "<target-dir>"], options: ["snapshot", "include"], run: restore },
+  snapshots: { args: ["<repo>"], options: [], run: snapshots },
+  forget: { args: ["<repo>"], options: ["keep-last"], lock: "exclusive", run: forget },
 };
 
 /** Output. Problems are counted: the command exits 1 (3 if one was damage) once it did the rest.
- * On a terminal and without -q, a status line on stderr, redrawn at most once a second. */
-function makeUi(quiet: boolean) {
-  const hasStatus = !quiet && Deno.stderr.isTerminal();
+ * On a terminal, a status line on stderr, redrawn at most once a second. */
+function makeUi() {
+  const hasStatus = Deno.stderr.isTerminal();
   let drawnAt = 0;
   const clearStatus = () => drawnAt > 0 && Deno.stderr.writeSync(utf8("\r\x1b[K"));
   const ui = {
@@ -990,7 +966,7 @@ function makeUi(quiet: boolean) {
     exitCode: 1,
     info(text: string) {
       clearStatus();
-      if (!quiet) console.log(text);
+      console.log(text);
     },
     warn(text: string) {
       clearStatus();
@@ -1013,26 +989,6 @@ function makeUi(quiet: boolean) {
 /** No control codes from a server or a file name reach the terminal. */
 const printable = (text: string) => text.replace(/\p{Cc}/gu, "?");
 
-/** Reads a line without echo; backspace erases a character; strict UTF-8 (no two collide). */
-async function promptSecret(question: string): Promise<string> {
-  const hint = "give it with --password-file FILE or $NFREEZER_PASSWORD";
-  if (!Deno.stdin.isTerminal()) throw new UserError("A passphrase is needed", 1, hint);
-  Deno.stderr.writeSync(utf8(question));
-  Deno.stdin.setRaw(true);
-  const [bytes, byte] = [[] as number[], new Uint8Array(1)];
-  try {
-    while (await Deno.stdin.read(byte) && byte[0] !== 13 && byte[0] !== 10) {
-      if (byte[0] === 3) throw new UserError("Interrupted");
-      if (byte[0] !== 127 && byte[0] !== 8) bytes.push(byte[0]);
-      else while ((bytes.pop()! & 0xc0) === 0x80) continue; // UTF-8 continuation bytes
-    }
-  } finally {
-    Deno.stdin.setRaw(false);
-    Deno.stderr.writeSync(utf8("\n"));
-  }
-  return strictUtf8(Uint8Array.from(bytes));
-}
-
 function strictUtf8(bytes: Uint8Array): string {
   try {
     return new TextDecoder("utf-8", { fatal: true }).decode(bytes);
@@ -1041,27 +997,19 @@ function strictUtf8(bytes: Uint8Array): string {
   }
 }
 
-/** The passphrase from --password-file or $NFREEZER_PASSWORD, which is then removed from the
- * environment (ssh and its ProxyCommand never see it); "" if neither is given. */
-function givenPassphrase(options: Options): string {
+/** The passphrase from --password-file, else $NFREEZER_PASSWORD, which is then removed from the
+ * environment: ssh and its ProxyCommand never see it. */
+function getPassphrase(options: Options): string {
   const file = options["password-file"];
-  if (file) return strictUtf8(Deno.readFileSync(file)).replace(/\r?\n$/, "");
+  let passphrase = file ? strictUtf8(Deno.readFileSync(file)).replace(/\r?\n$/, "") : "";
   try {
-    const passphrase = Deno.env.get("NFREEZER_PASSWORD") ?? "";
+    passphrase ||= Deno.env.get("NFREEZER_PASSWORD") ?? "";
     Deno.env.delete("NFREEZER_PASSWORD");
-    return passphrase;
   } catch {
     throw new UserError("The passphrase is not valid UTF-8"); // Deno.env.get refused it
   }
-}
-
-/** The passphrase given, else asked for (twice when creating a repository). */
-async function getPassphrase(given: string, creating: boolean): Promise<string> {
-  if (given !== "") return given;
-  const passphrase = await promptSecret("Repository passphrase: ");
-  const again = creating ? await promptSecret("Repeat it: ") : passphrase;
-  if (again !== passphrase) throw new UserError("The passphrases differ");
-  if (passphrase === "") throw new UserError("The passphrase is empty");
+  const hint = "give it with --password-file FILE or $NFREEZER_PASSWORD";
+  if (passphrase === "") throw new UserError("A passphrase is needed", 1, hint);
   return passphrase;
 }
 
@@ -1083,14 +1031,14 @@ function parseLocation(location: string) {
 
 /** Opens the repository at a location, or with `create` makes a new one there (init). */
 async function openRepo(location: string, options: Options, create = false): Promise<Repo> {
-  const given = givenPassphrase(options); // first: ssh must not see $NFREEZER_PASSWORD
+  const passphrase = getPassphrase(options); // first: ssh must not see $NFREEZER_PASSWORD
   const { destination, port, path } = parseLocation(location);
   const connection = destination
     ? await connectSsh(destination, port, options)
     : localConnection(path);
   const store = makeStore(connection, path);
   try {
-    if (create) return await createRepo(store, location, given);
+    if (create) return await createRepo(store, location, passphrase);
     const names = (await store.list("")).map((item) => item.name);
     const hint = `create one with: ${SELF} init ${location}`;
     if (!names.includes("config")) throw new UserError(`No repository at ${location}`, 1, hint);
@@ -1098,7 +1046,7 @@ async function openRepo(location: string, options: Options, create = false): Pro
       if (!await store.isFolder(folder)) throw damaged(`${path}/${folder}`);
     }
     const config = await store.read("config");
-    return { store, keys: await unlockConfig(config, await getPassphrase(given, false)) };
+    return { store, keys: await unlockConfig(config, passphrase) };
   } catch (error) {
     store.close();
     throw error;
@@ -1108,14 +1056,13 @@ async function openRepo(location: string, options: Options, create = false): Pro
 /** §1, §2: a repository in an empty or missing folder (made as mkdir -p does). The config comes
  * last, created exclusively and read back: of two runs at once one config wins, the other run
  * stops, and no run writes under a key that is not the repository's. */
-async function createRepo(store: Store, location: string, given: string): Promise<Repo> {
+async function createRepo(store: Store, location: string, passphrase: string): Promise<Repo> {
   const listing = await store.list("").catch(() => null); // none if it is not there yet
   if (listing === null) throw new UserError(`${location} is not a folder`);
   const names = listing.map((item) => item.name);
   if (names.includes("config")) throw new UserError(`${location} is a repository already`);
   const foreign = names.some((name) => !FOLDERS.includes(name));
   if (foreign) throw new UserError(`${location} is not empty, and not a repository`);
-  const passphrase = await getPassphrase(given, true);
   const [master, salt, nonce] = [random(2 * KEY_BYTES), random(SALT_BYTES), random(NONCE_BYTES)];
   const config = utf8(await wrapMaster(passphrase, master, salt, nonce));
   try {
@@ -1143,17 +1090,14 @@ async function runCli(argv: string[]): Promise<void> {
   if (foreign && !command.options.includes(foreign)) {
     throw new UserError(`${name} does not take --${foreign}`, 2, usage);
   }
-  const keep = Number(options["keep-last"]);
-  if (name === "forget" && !(Number.isInteger(keep) && keep >= 1)) {
-    throw new UserError("forget takes --keep-last N, a whole number from 1", 2, usage);
-  }
   if (args.length !== command.args.length) {
     throw new UserError(`${name} takes ${command.args.join(" ")}`, 2, usage);
   }
-  command.check?.(args);
-  const ui = makeUi(options.quiet === true);
+  const ui = makeUi();
   const repo = await openRepo(args[command.args.indexOf("<repo>")], options, name === "init");
-  await command.run(repo, args, options, ui).finally(() => repo.store.close());
+  const run = () => command.run(repo, args, options, ui);
+  const locked = command.lock ? () => withLock(repo, command.lock === "exclusive", run) : run;
+  await locked().finally(() => repo.store.close());
   if (name === "init") ui.info(`Created ${args[0]}`);
   const problems = `${ui.problems} problem${ui.problems === 1 ? "" : "s"} (see the warnings above)`;
   if (ui.problems > 0) throw new UserError(problems, ui.exitCode);
