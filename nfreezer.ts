@@ -349,21 +349,29 @@ function makeLimiter(maxBytes: number, maxCount: number) {
 
 // deno-lint-ignore no-explicit-any
 type Untyped = any; // what ssh2 (it ships no types) hands back, and errors of any kind
-/** What a Store needs of an SFTP server or a local folder, by full path: `read` gives the first
- * `length` bytes (fewer if the file is shorter); `create` writes a new file (exclusively, mode
- * 0600) and syncs it; `rename` replaces its target atomically where the server can. */
+type Done<T = void> = (error: Untyped, result: T) => void;
+type Item = { filename: string; attrs: { size: number } };
+/** The callback calls a Store makes, named as ssh2's SFTP client names them; LOCAL_FILES has the
+ * same over node:fs. `handle` is ssh2's Buffer or a file descriptor. */
 type Files = {
-  read(path: string, length: number): Promise<Buffer>;
-  create(path: string, data: Buffer): Promise<void>;
-  rename(from: string, to: string): Promise<void>;
-  list(path: string): Promise<{ name: string; size: number }[]>;
-  lstat(path: string): Promise<unknown>;
-  mkdir(path: string): Promise<void>;
-  remove(path: string): Promise<void>;
+  open(path: string, flags: "r" | "wx", attrs: { mode?: number }, done: Done<Untyped>): void;
+  read(handle: Untyped, data: Buffer, at: 0, length: number, from: 0, done: Done<number>): void;
+  write(handle: Untyped, data: Buffer, at: 0, length: number, from: 0, done: Done<number>): void;
+  close(handle: Untyped, done: Done): void;
+  lstat(path: string, done: Done<{ isDirectory(): boolean }>): void;
+  readdir(path: string, done: Done<Item[]>): void;
+  mkdir(path: string, attrs: { mode: number }, done: Done): void;
+  unlink(path: string, done: Done): void;
+  rename(from: string, to: string, done: Done): void; // SFTP v3: fails if `to` exists
+  ext_openssh_rename(from: string, to: string, done: Done): void; // replaces `to` atomically
+  ext_openssh_fsync(handle: Untyped, done: Done): void;
 };
-/** Files, where they are, how many objects may be in flight, whether the connection has ended
- * (then a failed read is not damage), and how to end it. */
+/** Files, and what they offer: atomic rename and fsync (OpenSSH extensions on a server), how
+ * many objects may be in flight, whether the connection has ended (then calls fail at once and a
+ * failed read is not damage). */
 type Connection = { files: Files; name: string; local: boolean; inFlight: number } & {
+  posixRename: boolean;
+  fsync: boolean;
   isLost: () => boolean;
   end: () => void;
 };
@@ -377,38 +385,59 @@ const { O_RDONLY, O_WRONLY, O_CREAT, O_EXCL, O_NOFOLLOW, O_NONBLOCK, O_DIRECTORY
 function makeStore(connection: Connection, root: string) {
   const { files } = connection;
   const path = (name: string) => name ? `${root}/${name}` : root;
-  async function run<T>(action: string, name: string, work: () => Promise<T>): Promise<T> {
+  /** One call as a promise; its error becomes "Cannot <action> <name>: <reason>". */
+  const call = <T>(action: string, name: string, start: (done: Done<T>) => void) =>
+    new Promise<T>((resolve, reject) => {
+      const lost = new UserError(`Lost the SSH connection to ${connection.name}`);
+      if (connection.isLost()) return reject(lost); // ssh2 would never answer
+      start((error, result) => {
+        if (!error) return resolve(result);
+        if (connection.isLost()) return reject(lost);
+        const reason = String(error.message).replace(/^E[A-Z]+: ([^,]+).*$/s, "$1"); // node:fs
+        reject(new UserError(`Cannot ${action} ${name || root}: ${reason}`, 1, "", error));
+      });
+    });
+  /** true: a real folder; false: something else; null: nothing there. */
+  const isFolder = (name: string, full = path(name)) =>
+    call<{ isDirectory(): boolean }>("open", name, (done) => files.lstat(full, done)).then(
+      (info) => info.isDirectory(),
+      (error) => isMissing(error.cause) ? null : Promise.reject(error),
+    );
+  /** Creates name exclusively (mode 0600), writes and syncs it. */
+  async function create(name: string, object: Uint8Array): Promise<void> {
+    const data = Buffer.from(object.buffer, object.byteOffset, object.length); // not a copy
+    const handle = await call("create", name, (done) => files.open(path(name), "wx", {}, done));
     try {
-      return await work();
-    } catch (error) {
-      if (connection.isLost()) {
-        throw new UserError(`The SSH connection to ${connection.name} ended`);
+      await call("write", name, (done) => files.write(handle, data, 0, data.length, 0, done));
+      if (connection.fsync) {
+        await call("sync", name, (done) => files.ext_openssh_fsync(handle, done));
       }
-      const reason = String((error as Error).message).replace(/^E[A-Z]+: ([^,]+).*$/s, "$1");
-      throw new UserError(`Cannot ${action} ${name || root}: ${reason}`, 1, "", error); // node:fs
+    } finally {
+      await call("close", name, (done) => files.close(handle, done));
     }
   }
-  const lstat = (name: string, full = path(name)) =>
-    run("open", name, () => files.lstat(full)).catch((error) => {
-      if (isMissing(error.cause)) return null;
-      throw error;
-    });
-  const create = (name: string, object: Uint8Array) => {
-    const data = Buffer.from(object.buffer, object.byteOffset, object.length); // not a copy
-    return run("create", name, () => files.create(path(name), data));
-  };
+  /** The first `length` bytes of name (fewer if it is shorter). */
+  async function readStart(name: string, length: number): Promise<Buffer> {
+    const handle = await call("open", name, (done) => files.open(path(name), "r", {}, done));
+    const buffer = Buffer.alloc(length); // its own memory, not a shared pool
+    const count = await call<number>("read", name, (done) => {
+      files.read(handle, buffer, 0, length, 0, done); // ssh2: in pieces, in order
+    }).finally(() => files.close(handle, () => {})); // not waited for: one round trip less
+    return buffer.subarray(0, count);
+  }
   return {
     root,
     local: connection.local,
     inFlight: connection.inFlight,
     close: connection.end,
     create,
-    exists: async (name: string) => (await lstat(name)) !== null,
+    isFolder,
+    exists: async (name: string) => (await isFolder(name)) !== null,
+    remove: (name: string) => call("delete", name, (done) => files.unlink(path(name), done)),
     /** The whole object, of the size given (else its own, at most SMALL_OBJECT_BYTES). */
     async read(name: string, size?: number): Promise<Bytes> {
       const refuse = (reason: string) => new UserError(`Cannot read ${name}: ${reason}`, 3);
-      const length = size ?? SMALL_OBJECT_BYTES + 1; // a small object: its own size, if small
-      const data = await run("read", name, () => files.read(path(name), length)).catch((error) => {
+      const data = await readStart(name, size ?? SMALL_OBJECT_BYTES + 1).catch((error) => {
         if (connection.isLost()) throw error;
         if (isMissing(error.cause)) throw refuse("it is missing");
         throw new UserError(error.message, 3);
@@ -419,25 +448,26 @@ function makeStore(connection: Connection, root: string) {
     },
     /** §7: to tmp/ (created exclusively), synced, then renamed: a name never holds a part. */
     async write(name: string, object: Uint8Array): Promise<void> {
-      const temporary = `tmp/${hex(random(8))}`;
-      await create(temporary, object);
-      await run("rename", temporary, () => files.rename(path(temporary), path(name)));
+      const [from, to] = [`tmp/${hex(random(8))}`, path(name)];
+      await create(from, object);
+      await call("rename", from, (done) => {
+        if (connection.posixRename) files.ext_openssh_rename(path(from), to, done);
+        else files.rename(path(from), to, done);
+      });
     },
     /** The names and sizes in a folder; none if there is no such folder. */
     async list(folder: string): Promise<{ name: string; size: number }[]> {
-      if ((await lstat(folder)) === null) return [];
-      return await run("list", folder, () => files.list(path(folder)));
+      if ((await isFolder(folder)) === null) return [];
+      const items = await call<Item[]>("list", folder, (done) => files.readdir(path(folder), done));
+      return items.map((item) => ({ name: item.filename, size: item.attrs.size }));
     },
-    remove: (name: string) => run("delete", name, () => files.remove(path(name))),
-    /** §1: a real folder (a link could lead writes and deletes elsewhere). */
-    isFolder: async (name: string) => (await lstat(name) as fs.Stats | null)?.isDirectory(),
     /** mkdir -p of the root (mode 0700), then §1's folders in it. */
     async makeFolders(): Promise<void> {
       const parts = root.split("/");
       const above = parts.map((_part, index) => parts.slice(0, index + 1).join("/"));
       for (const folder of [...above, ...FOLDERS.map(path)]) {
-        if (folder === "" || folder === "." || await lstat(folder, folder) !== null) continue;
-        await run("create", folder, () => files.mkdir(folder));
+        if (folder === "" || folder === "." || await isFolder(folder, folder) !== null) continue;
+        await call("create", folder, (done) => files.mkdir(folder, { mode: 0o700 }, done));
       }
     },
     /** §7: a local folder is synced after renames into it, so they survive a power cut. */
@@ -450,80 +480,30 @@ function makeStore(connection: Connection, root: string) {
   };
 }
 
-/** A local folder: no open follows a link or waits on a FIFO (§1). */
-function localConnection(root: string): Connection {
-  const files: Files = {
-    async read(path, length) {
-      const file = await openFile(path, O_RDONLY | O_NOFOLLOW | O_NONBLOCK);
-      const buffer = Buffer.alloc(length); // its own memory, not a shared pool
-      const { bytesRead } = await file.read(buffer, 0, length, 0).finally(() => file.close());
-      return buffer.subarray(0, bytesRead);
-    },
-    async create(path, data) {
-      const file = await openFile(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, 0o600);
-      await file.writeFile(data).then(() => file.sync()).finally(() => file.close());
-    },
-    rename: (from, to) => fs.promises.rename(from, to),
-    list: async (path) =>
-      (await fs.promises.readdir(path)).map((name) => {
-        const info = fs.lstatSync(join(path, name), { throwIfNoEntry: false });
-        return { name, size: info?.size ?? 0 };
-      }),
-    lstat: (path) => fs.promises.lstat(path),
-    mkdir: (path) => fs.promises.mkdir(path, { mode: 0o700 }),
-    remove: (path) => fs.promises.unlink(path),
-  };
-  return { files, name: root, local: true, inFlight: IN_FLIGHT_MAX, isLost: () => false, end() {} };
-}
+/** A local folder: node:fs, whose opens follow no link and wait on no FIFO (§1). */
+const LOCAL_FILES: Files = {
+  ...fs,
+  open: (path, flags, _attrs, done) => {
+    const how = flags === "r" ? O_RDONLY : O_WRONLY | O_CREAT | O_EXCL;
+    fs.open(path, how | O_NOFOLLOW | O_NONBLOCK, 0o600, done);
+  },
+  readdir: (path, done) =>
+    fs.readdir(path, (error, names) => {
+      const attrs = (name: string) => fs.lstatSync(join(path, name), { throwIfNoEntry: false });
+      done(error, names?.map((filename) => ({ filename, attrs: attrs(filename) ?? { size: 0 } })));
+    }),
+  ext_openssh_rename: fs.rename, // atomic, replaces the target
+  ext_openssh_fsync: fs.fsync,
+};
 
-/** ssh2's SFTP client as Files. Its read and write go out in pieces of the size the server
- * announced, in order (as any server accepts); fsync and atomic rename are OpenSSH extensions. */
-function sftpFiles(sftp: Untyped, isLost: () => boolean): Files {
-  const call = <T>(start: (done: (error: Error, result: T) => void) => void) =>
-    new Promise<T>((resolve, reject) => {
-      if (isLost()) return reject(new Error("the connection ended")); // ssh2 would never answer
-      start((error, result) => error ? reject(error) : resolve(result));
-    });
-  const offers = (extension: string) => sftp._extensions[extension] === "1";
-  return {
-    async read(path, length) {
-      const handle = await call((done) => sftp.open(path, "r", {}, done));
-      const buffer = Buffer.alloc(length); // its own memory, not a shared pool
-      const count = await call<number>((done) => sftp.read(handle, buffer, 0, length, 0, done))
-        .finally(() => sftp.close(handle, () => {})); // not waited for: one round trip less
-      return buffer.subarray(0, count);
-    },
-    async create(path, data) {
-      const handle = await call((done) => sftp.open(path, "wx", { mode: 0o600 }, done));
-      try {
-        await call((done) => sftp.write(handle, data, 0, data.length, 0, done));
-        if (offers("fsync@openssh.com")) await call((done) => sftp.ext_openssh_fsync(handle, done));
-      } finally {
-        await call((done) => sftp.close(handle, done));
-      }
-    },
-    rename: (from, to) =>
-      call((done) => {
-        if (offers("posix-rename@openssh.com")) sftp.ext_openssh_rename(from, to, done);
-        else sftp.rename(from, to, done); // SFTP v3: fails if `to` exists
-      }),
-    list: async (path) =>
-      (await call<Untyped[]>((done) => sftp.readdir(path, done)))
-        .map((item) => ({ name: item.filename, size: item.attrs.size })),
-    lstat: (path) => call((done) => sftp.lstat(path, done)),
-    mkdir: (path) => call((done) => sftp.mkdir(path, { mode: 0o700 }, done)),
-    remove: (path) => call((done) => sftp.unlink(path, done)),
-  };
-}
-
-/** Runs the user's own ssh, `$NFREEZER_SSH` through `sh -c` as git runs GIT_SSH_COMMAND (so
- * options there come first and win), as `ssh [options] -s -- DESTINATION sftp`: OpenSSH checks
- * the host key and authenticates; `--` keeps a location from becoming an option. We speak SFTP
- * over its pipes with ssh2's SFTP class, using internals of the pinned 1.17.0 that the SFTP tests
- * hold: a stand-in channel (`_protocol.channelData/channelClose`; `outgoing` with an unlimited
- * window, as ssh does flow control), `_init()` sends the version request, `push(data)` feeds
- * replies (`push(null)` fails every pending request), `_extensions` and `maxOpenHandles` hold
- * what the server's version and limits@openssh.com replies announced. */
+/** Runs the user's own ssh (`$NFREEZER_SSH` through `sh -c`, as git runs GIT_SSH_COMMAND: options
+ * there come first and win) as `ssh [options] -s -- DESTINATION sftp`: OpenSSH checks the host
+ * key and authenticates; `--` keeps a location from becoming an option. We speak SFTP over its
+ * pipes with ssh2's SFTP class, relying on internals of the pinned 1.17.0 (held by the SFTP
+ * tests): a stand-in channel (`_protocol.channelData/channelClose`, an `outgoing` window without
+ * limit: ssh does flow control), `_init()` sends the version request, `push()` feeds replies
+ * (`push(null)` fails all pending requests), `_extensions` and `maxOpenHandles` are what the
+ * server's version and limits@openssh.com replies announced. */
 async function connectSsh(destination: string, port: string, options: Options) {
   const hostKeys = options["accept-new-host"] ? "accept-new" : "yes";
   const args = ["-o", `StrictHostKeyChecking=${hostKeys}`, "-o", "ServerAliveInterval=15"];
@@ -543,13 +523,14 @@ async function connectSsh(destination: string, port: string, options: Options) {
   const sftp = new SFTP({ _protocol: channel }, { type: "sftp", outgoing }, {});
   sftp.on("error", () => {}); // a protocol error ends the channel; pending calls fail with it
   let lost = false;
-  const receive = new WritableStream({
-    write: (data: Uint8Array) => sftp.push(Buffer.from(data.buffer, data.byteOffset, data.length)),
-  });
-  const ended = child.stdout.pipeTo(receive).catch(() => {}).then(() => {
-    lost = true;
-    sftp.push(null);
-  });
+  const push = (data: Uint8Array) =>
+    sftp.push(Buffer.from(data.buffer, data.byteOffset, data.length));
+  const ended = child.stdout.pipeTo(new WritableStream({ write: push })).catch(() => {}).then(
+    () => {
+      lost = true;
+      sftp.push(null);
+    },
+  );
   sftp._init();
   const ready = new Promise((resolve) => sftp.once("ready", resolve));
   if (await Promise.race([ready.then(() => true), ended.then(() => false)]) === false) {
@@ -558,8 +539,19 @@ async function connectSsh(destination: string, port: string, options: Options) {
   }
   const handles = sftp.maxOpenHandles ?? 2 * IN_FLIGHT_UNANNOUNCED; // a close may lag an open,
   const inFlight = Math.max(1, Math.min(IN_FLIGHT_MAX, Math.floor(handles / 2))); // so 2 each
-  const [files, isLost, end] = [sftpFiles(sftp, () => lost), () => lost, () => sftp.end()];
-  return { files, name: destination, local: false, inFlight, isLost, end };
+  const posixRename = sftp._extensions["posix-rename@openssh.com"] === "1";
+  const fsync = sftp._extensions["fsync@openssh.com"] === "1";
+  const connection: Connection = {
+    files: sftp,
+    name: destination,
+    local: false,
+    inFlight,
+    posixRename,
+    fsync,
+    isLost: () => lost,
+    end: () => sftp.end(),
+  };
+  return connection;
 }
 
 // ---- Backup -----------------------------------------------------------------------------------
@@ -1033,9 +1025,11 @@ function parseLocation(location: string) {
 async function openRepo(location: string, options: Options, create = false): Promise<Repo> {
   const passphrase = getPassphrase(options); // first: ssh must not see $NFREEZER_PASSWORD
   const { destination, port, path } = parseLocation(location);
+  const local = { files: LOCAL_FILES, name: path, local: true, inFlight: IN_FLIGHT_MAX };
+  const always = { posixRename: true, fsync: true, isLost: () => false, end() {} };
   const connection = destination
     ? await connectSsh(destination, port, options)
-    : localConnection(path);
+    : { ...local, ...always };
   const store = makeStore(connection, path);
   try {
     if (create) return await createRepo(store, location, passphrase);
