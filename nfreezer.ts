@@ -94,7 +94,6 @@ function deriveKek(passphrase: string, kdf: Record<string, number>, salt: Bytes)
   const kek = scryptSync(passphrase.normalize("NFKC"), salt, KEY_BYTES, options);
   return subtle.importKey("raw", new Uint8Array(kek), "AES-GCM", false, ["encrypt", "decrypt"]);
 }
-
 /** §2: the config that wraps master (64 bytes) under the passphrase. */
 async function wrapMaster(passphrase: string, master: Bytes, salt: Bytes, nonce: Bytes) {
   const kek = await deriveKek(passphrase, SCRYPT, salt);
@@ -103,7 +102,6 @@ async function wrapMaster(passphrase: string, master: Bytes, salt: Bytes, nonce:
   const config = { format: FORMAT, kdf, nonce: base64(nonce), keys: base64(wrapped) };
   return JSON.stringify(config, null, 2);
 }
-
 /** §2: unwraps the master key; a wrong passphrase is told apart from a malformed config. */
 async function unlockConfig(bytes: Uint8Array, passphrase: string): Promise<Keys> {
   const config = parseJson(bytes, "The repository config");
@@ -118,7 +116,6 @@ async function unlockConfig(bytes: Uint8Array, passphrase: string): Promise<Keys
   }
   return importKeys(new Uint8Array(master));
 }
-
 /** §2: encKey = master[0:32] (HKDF input only), idKey = master[32:64] (HMAC only). */
 async function importKeys(master: Bytes): Promise<Keys> {
   const [enc, id] = [master.slice(0, KEY_BYTES), master.slice(KEY_BYTES)];
@@ -127,7 +124,6 @@ async function importKeys(master: Bytes): Promise<Keys> {
     idKey: await subtle.importKey("raw", id, { name: "HMAC", hash: "SHA-256" }, false, ["sign"]),
   };
 }
-
 /** §3: Padmé: at most ~12% larger, and only O(log log L) bits of L stay visible. */
 function padme(length: number): number {
   if (length < 2) return length;
@@ -135,7 +131,6 @@ function padme(length: number): number {
   const step = 2 ** (exponent - Math.floor(Math.log2(exponent)) - 1);
   return Math.ceil(length / step) * step;
 }
-
 /** §3: the stored size of an object holding `length` bytes: header, u32be(L), padded, tag. */
 const sealedBytes = (length: number) => HEADER_BYTES + 4 + padme(length) + TAG_BYTES;
 
@@ -145,7 +140,6 @@ function objectKey(keys: Keys, salt: Uint8Array, name: string): Promise<CryptoKe
   const aes = { name: "AES-GCM", length: 256 };
   return subtle.deriveKey(hkdf, keys.encKey, aes, false, ["encrypt", "decrypt"]);
 }
-
 /** §3: "NFZ1" || salt || AES-256-GCM(K, 0^12, u32be(L) || content || padding). The salt is
  * fresh, so K is too, and K seals only this payload: the fixed nonce never repeats under a key.
  * The name (with its folder: "data/…") is bound into K: an object moved to another name fails. */
@@ -156,7 +150,6 @@ async function seal(keys: Keys, name: string, content: Uint8Array, salt = random
   const sealed = await subtle.encrypt(gcm(ZERO_NONCE), await objectKey(keys, salt, name), payload);
   return Buffer.concat([utf8(MAGIC), salt, new Uint8Array(sealed)]);
 }
-
 /** §3: opens an object read from name; only authenticated bytes come out. */
 async function unseal(keys: Keys, name: string, object: Bytes): Promise<Bytes> {
   const magic = new TextDecoder().decode(object.subarray(0, MAGIC.length));
@@ -169,7 +162,6 @@ async function unseal(keys: Keys, name: string, object: Bytes): Promise<Bytes> {
   if (4 + length > payload.byteLength) throw damaged(name);
   return new Uint8Array(payload, 4, length);
 }
-
 /** §4: id = hex(HMAC-SHA-256(idKey, chunk)): keyed, so the server cannot test for known files. */
 async function chunkId(keys: Keys, chunk: Bytes): Promise<string> {
   return hex(new Uint8Array(await subtle.sign("HMAC", keys.idKey, chunk)));
@@ -179,11 +171,8 @@ async function chunkId(keys: Keys, chunk: Bytes): Promise<string> {
 
 type Repo = { store: Store; keys: Keys };
 type Content = { size: number; chunks: string[] }; // §4: a file's or a manifest's chunks
-type Entry = { path: string; type: "file" | "dir" | "symlink"; mode: number; mtime: number } & {
-  size?: number;
-  chunks?: string[];
-  target?: string; // §5: size and chunks of a file, a link's target
-};
+type Meta = { path: string; type: "file" | "dir" | "symlink"; mode: number; mtime: number };
+type Entry = Meta & { size?: number; chunks?: string[]; target?: string }; // §5
 type Snapshot = { id: string; time: string; host: string; source: string; manifest: Content };
 const isHex = (text: unknown, length: number) =>
   typeof text === "string" && text.length === length && /^[0-9a-f]*$/.test(text);
@@ -199,7 +188,6 @@ function isContent(value: unknown): value is Content {
   if (!Number.isSafeInteger(size) || size < 0 || !Array.isArray(chunks)) return false;
   return chunks.length === Math.ceil(size / CHUNK_BYTES) && chunks.every((id) => isHex(id, 64));
 }
-
 /** §4: the chunks of a file or manifest in order, each handed out only once it is authenticated
  * and matches its id and its length (which follows from the size and the chunk's index). */
 async function* chunksOf(repo: Repo, content: Content): AsyncGenerator<Bytes> {
@@ -211,7 +199,6 @@ async function* chunksOf(repo: Repo, content: Content): AsyncGenerator<Bytes> {
     yield chunk;
   }
 }
-
 /** §5: one entry's fields, each of the right type whatever JSON a forger wrote. */
 function isEntry(entry: Entry): boolean {
   const { path, mode, mtime, type, target } = (typeof entry === "object" && entry) as Entry;
@@ -223,7 +210,6 @@ function isEntry(entry: Entry): boolean {
   if (type === "symlink") return typeof target === "string" && target !== "" && !/\0/.test(target);
   return type === "dir";
 }
-
 /** §5: the manifest is refused whole unless the root folder "" comes first, every entry is well
  * formed, no path repeats, and each entry's parent is an earlier folder entry: so no entry can
  * land outside the target, under a link or a file, or be written twice. */
@@ -248,7 +234,6 @@ async function loadManifest(repo: Repo, snapshot: Snapshot): Promise<Entry[]> {
   }
   return entries;
 }
-
 /** §6: the snapshots that open, oldest first (read 32 at once); one that does not open is named
  * as a problem (exit 3 at the end) and skipped. */
 async function listSnapshots(repo: Repo, ui: Ui): Promise<Snapshot[]> {
@@ -272,7 +257,6 @@ async function listSnapshots(repo: Repo, ui: Ui): Promise<Snapshot[]> {
   }
   return snapshots.sort((a, b) => a.time.localeCompare(b.time));
 }
-
 /** §6: the snapshot named by a unique id prefix, else the newest. */
 async function findSnapshot(repo: Repo, ui: Ui, prefix = ""): Promise<Snapshot> {
   const matches = (await listSnapshots(repo, ui)).filter((item) => item.id.startsWith(prefix));
@@ -280,7 +264,6 @@ async function findSnapshot(repo: Repo, ui: Ui, prefix = ""): Promise<Snapshot> 
   if (matches.length > 0) return matches[matches.length - 1];
   throw new UserError(prefix ? `No snapshot ${prefix}` : "No snapshots", ui.exitCode);
 }
-
 /** §8: runs work holding a lock, shared (backup) or exclusive (forget). Every run writes its lock
  * before it reads the others, so of two that start together each sees the other. A lock of this
  * host whose process is gone is stale and removed; any other counts, even one that does not open.
@@ -313,7 +296,6 @@ async function withLock<T>(repo: Repo, exclusive: boolean, work: () => Promise<T
     await repo.store.remove(`locks/${own}`).catch(() => {});
   }
 }
-
 function isGone(pid: unknown): boolean {
   try {
     process.kill(Number(pid), 0);
@@ -322,7 +304,6 @@ function isGone(pid: unknown): boolean {
     return (error as Untyped).code === "ESRCH"; // EPERM: alive, another user's
   }
 }
-
 /** Runs tasks at once, at most maxCount of them and maxBytes of their sizes together. The first
  * failure is kept: add() and drain() throw it. */
 function makeLimiter(maxBytes: number, maxCount: number) {
@@ -366,24 +347,20 @@ type Files = {
   ext_openssh_rename(from: string, to: string, done: Done): void; // replaces `to` atomically
   ext_openssh_fsync(handle: Untyped, done: Done): void;
 };
-/** Files, and what they offer: atomic rename and fsync (OpenSSH extensions on a server), how
- * many objects may be in flight, whether the connection has ended (then calls fail at once and a
- * failed read is not damage). */
-type Connection = { files: Files; name: string; local: boolean; inFlight: number } & {
-  posixRename: boolean;
-  fsync: boolean;
-  isLost: () => boolean;
-  end: () => void;
-};
+/** Files with what they offer (on a server: OpenSSH's atomic rename and fsync), how many objects
+ * may be in flight, and the connection's state: once lost, calls fail and reads are not damage. */
+type Connection = Offers & { files: Files; name: string; local: boolean; inFlight: number };
+type Offers = { posixRename: boolean; fsync: boolean; isLost: () => boolean; end: () => void };
 type Store = ReturnType<typeof makeStore>;
 const FOLDERS = ["snapshots", "data", "locks", "tmp"]; // §1
+const asBuffer = (bytes: Uint8Array) => Buffer.from(bytes.buffer, bytes.byteOffset, bytes.length);
 const isMissing = (error: Untyped) => ["ENOENT", "ENOTDIR", 2].includes(error?.code); // 2: SFTP's
 const { O_RDONLY, O_WRONLY, O_CREAT, O_EXCL, O_NOFOLLOW, O_NONBLOCK, O_DIRECTORY } = fs.constants;
 
 /** A Store: objects read and written whole, by name, inside root. A failure is one line ("Cannot
  * read data/…: reason"); a failed read is damage (exit 3) unless the connection has ended. */
 function makeStore(connection: Connection, root: string) {
-  const { files } = connection;
+  const { files, fsync } = connection;
   const path = (name: string) => name ? `${root}/${name}` : root;
   /** One call as a promise; its error becomes "Cannot <action> <name>: <reason>". */
   const call = <T>(action: string, name: string, start: (done: Done<T>) => void) =>
@@ -405,13 +382,11 @@ function makeStore(connection: Connection, root: string) {
     );
   /** Creates name exclusively (mode 0600), writes and syncs it. */
   async function create(name: string, object: Uint8Array): Promise<void> {
-    const data = Buffer.from(object.buffer, object.byteOffset, object.length); // not a copy
+    const data = asBuffer(object);
     const handle = await call("create", name, (done) => files.open(path(name), "wx", {}, done));
     try {
       await call("write", name, (done) => files.write(handle, data, 0, data.length, 0, done));
-      if (connection.fsync) {
-        await call("sync", name, (done) => files.ext_openssh_fsync(handle, done));
-      }
+      if (fsync) await call("sync", name, (done) => files.ext_openssh_fsync(handle, done));
     } finally {
       await call("close", name, (done) => files.close(handle, done));
     }
@@ -479,7 +454,6 @@ function makeStore(connection: Connection, root: string) {
     },
   };
 }
-
 /** A local folder: node:fs, whose opens follow no link and wait on no FIFO (§1). */
 const LOCAL_FILES: Files = {
   ...fs,
@@ -495,7 +469,6 @@ const LOCAL_FILES: Files = {
   ext_openssh_rename: fs.rename, // atomic, replaces the target
   ext_openssh_fsync: fs.fsync,
 };
-
 /** Runs the user's own ssh (`$NFREEZER_SSH` through `sh -c`, as git runs GIT_SSH_COMMAND: options
  * there come first and win) as `ssh [options] -s -- DESTINATION sftp`: OpenSSH checks the host
  * key and authenticates; `--` keeps a location from becoming an option. We speak SFTP over its
@@ -523,14 +496,12 @@ async function connectSsh(destination: string, port: string, options: Options) {
   const sftp = new SFTP({ _protocol: channel }, { type: "sftp", outgoing }, {});
   sftp.on("error", () => {}); // a protocol error ends the channel; pending calls fail with it
   let lost = false;
-  const push = (data: Uint8Array) =>
-    sftp.push(Buffer.from(data.buffer, data.byteOffset, data.length));
-  const ended = child.stdout.pipeTo(new WritableStream({ write: push })).catch(() => {}).then(
-    () => {
-      lost = true;
-      sftp.push(null);
-    },
-  );
+  const receive = new WritableStream({ write: (data: Uint8Array) => sftp.push(asBuffer(data)) });
+  const ended = child.stdout.pipeTo(receive).catch(() => {});
+  ended.then(() => {
+    lost = true;
+    sftp.push(null); // fails every pending request
+  });
   sftp._init();
   const ready = new Promise((resolve) => sftp.once("ready", resolve));
   if (await Promise.race([ready.then(() => true), ended.then(() => false)]) === false) {
@@ -541,17 +512,8 @@ async function connectSsh(destination: string, port: string, options: Options) {
   const inFlight = Math.max(1, Math.min(IN_FLIGHT_MAX, Math.floor(handles / 2))); // so 2 each
   const posixRename = sftp._extensions["posix-rename@openssh.com"] === "1";
   const fsync = sftp._extensions["fsync@openssh.com"] === "1";
-  const connection: Connection = {
-    files: sftp,
-    name: destination,
-    local: false,
-    inFlight,
-    posixRename,
-    fsync,
-    isLost: () => lost,
-    end: () => sftp.end(),
-  };
-  return connection;
+  const [files, isLost, end] = [sftp as Files, () => lost, () => sftp.end()];
+  return { files, name: destination, local: false, inFlight, posixRename, fsync, isLost, end };
 }
 
 // ---- Backup -----------------------------------------------------------------------------------
@@ -591,7 +553,6 @@ function scanTree(root: string, excludes: string[], repository: string, ui: Ui):
   visit("");
   return entries.sort((a, b) => (a.path < b.path ? -1 : 1));
 }
-
 /** Reads a regular file chunk by chunk through one handle that follows no link and waits on no
  * FIFO (what was scanned may have been swapped since), handing each chunk to `use`. Returns its
  * size, mtime and chunk ids; null if it changed while it was read or is no longer a file. */
@@ -617,7 +578,6 @@ async function readFileChunks(path: string, use: UseChunk): Promise<FileState | 
     await file.close();
   }
 }
-
 /** Stores one changed file; null (a problem named) if it cannot be read, or keeps changing. */
 async function storeFile(root: string, path: string, useChunk: UseChunk, ui: Ui) {
   try {
@@ -632,7 +592,6 @@ async function storeFile(root: string, path: string, useChunk: UseChunk, ui: Ui)
   }
   return null;
 }
-
 /** Adds a snapshot of source: reads only files whose size or mtime changed, sends only new chunks.
  * Its progress line, redrawn as it works, is also its summary. */
 async function backup(repo: Repo, [source]: string[], options: Options, ui: Ui): Promise<void> {
@@ -729,13 +688,11 @@ function selectEntries(entries: Entry[], includes: string[]): Entry[] {
     wanted.some((path) => isWithin(entry.path, path) || isWithin(path, entry.path))
   );
 }
-
 /** Sets an entry's mode (never setuid or setgid) and time through an open file or folder. */
 async function finish(file: FileHandle, entry: Entry): Promise<void> {
   await file.chmod(entry.mode & RESTORED_MODE_BITS);
   await file.utimes(fsTime(entry), fsTime(entry)).finally(() => file.close());
 }
-
 /** The target's real path: a folder, made if missing. As root, a target another user could write
  * to is refused (they could swap its folders mid-restore); a killed restore's folder is removed. */
 async function prepareTarget(target: string): Promise<string> {
@@ -754,7 +711,6 @@ async function prepareTarget(target: string): Promise<string> {
   }
   return root;
 }
-
 /** Restores into target in path order: folders (0700, so private, until the end), files (many at
  * once) and links, each made in a private folder inside the target and renamed into place; then
  * the folders' modes and times, deepest first. Nothing is written through a link found in the
@@ -860,7 +816,6 @@ async function snapshots(repo: Repo, _args: string[], _options: Options, ui: Ui)
     ui.info(`${id}  ${time}  ${host}:${source}  ${mib(bytes)}`);
   }
 }
-
 /** §9: keeps the newest `keep` snapshots of each host and source folder and removes the others,
  * then deletes every data object no remaining snapshot needs. If a snapshot or manifest does not
  * open, nothing is deleted (exit 3): it might need any object. Killed at any point, every
@@ -946,7 +901,6 @@ const COMMANDS: Record<string, Command> = {
   snapshots: { args: ["<repo>"], options: [], run: snapshots },
   forget: { args: ["<repo>"], options: ["keep-last"], lock: "exclusive", run: forget },
 };
-
 /** Output. Problems are counted: the command exits 1 (3 if one was damage) once it did the rest.
  * On a terminal, a status line on stderr, redrawn at most once a second. */
 function makeUi() {
@@ -977,7 +931,6 @@ function makeUi() {
   };
   return ui;
 }
-
 /** No control codes from a server or a file name reach the terminal. */
 const printable = (text: string) => text.replace(/\p{Cc}/gu, "?");
 
@@ -988,7 +941,6 @@ function strictUtf8(bytes: Uint8Array): string {
     throw new UserError("The passphrase is not valid UTF-8");
   }
 }
-
 /** The passphrase from --password-file, else $NFREEZER_PASSWORD, which is then removed from the
  * environment: ssh and its ProxyCommand never see it. */
 function getPassphrase(options: Options): string {
@@ -1004,7 +956,6 @@ function getPassphrase(options: Options): string {
   if (passphrase === "") throw new UserError("A passphrase is needed", 1, hint);
   return passphrase;
 }
-
 /** Splits a location into an ssh destination, port and path (no destination: a local path). */
 function parseLocation(location: string) {
   if (location.startsWith("sftp://")) {
@@ -1020,7 +971,6 @@ function parseLocation(location: string) {
   if (scp) return { destination: scp[1], port: "", path: scp[2].replace(/^~\//, "") || "." };
   return { destination: "", port: "", path: resolve(location) };
 }
-
 /** Opens the repository at a location, or with `create` makes a new one there (init). */
 async function openRepo(location: string, options: Options, create = false): Promise<Repo> {
   const passphrase = getPassphrase(options); // first: ssh must not see $NFREEZER_PASSWORD
@@ -1046,7 +996,6 @@ async function openRepo(location: string, options: Options, create = false): Pro
     throw error;
   }
 }
-
 /** §1, §2: a repository in an empty or missing folder (made as mkdir -p does). The config comes
  * last, created exclusively and read back: of two runs at once one config wins, the other run
  * stops, and no run writes under a key that is not the repository's. */
@@ -1069,7 +1018,6 @@ async function createRepo(store: Store, location: string, passphrase: string): P
   if (Buffer.compare(await store.read("config"), config) !== 0) throw damaged("The new config");
   return { store, keys: await importKeys(master) };
 }
-
 async function runCli(argv: string[]): Promise<void> {
   process.umask(0o077); // safe default: what this process creates is private to the user
   const parsed = parseArgs({ args: argv, options: OPTIONS, allowPositionals: true });
@@ -1096,7 +1044,6 @@ async function runCli(argv: string[]): Promise<void> {
   const problems = `${ui.problems} problem${ui.problems === 1 ? "" : "s"} (see the warnings above)`;
   if (ui.problems > 0) throw new UserError(problems, ui.exitCode);
 }
-
 /** Runs the command line and returns the exit code; errors that are not ours keep their stack. */
 export async function main(argv: string[]): Promise<number> {
   try {
