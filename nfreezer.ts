@@ -44,9 +44,6 @@ const HEADER_BYTES = MAGIC.length + SALT_BYTES; // §3
 const CHUNK_BYTES = 4 * 2 ** 20; // §4: the unit of dedup, of resume and of memory use
 const MANIFEST_MAX_BYTES = 256 * 2 ** 20; // §5: its JSON and its gzip, when written and read
 const SMALL_OBJECT_BYTES = 64 * 1024; // §2, §6, §8: a few hundred bytes; larger is refused unread
-const IN_FLIGHT_BYTES = 12 * 2 ** 20; // chunk bytes sealed, sent or fetched at once (memory)
-const IN_FLIGHT_MAX = 256; // objects at once, hiding round trips (measured: more gains nothing)
-const IN_FLIGHT_UNANNOUNCED = 96; // where a server announces no handle limit (gesftpserver: 128)
 const RESTORED_MODE_BITS = 0o1777; // never setuid or setgid: owners are not restored
 const SCRATCH_PREFIX = ".nfreezer-restore-"; // restore's private 0700 folder inside the target
 const CONNECT_TIMEOUT_SECONDS = 20; // for ssh: an unreachable host fails instead of hanging
@@ -298,32 +295,10 @@ async function withLock<T>(repo: Repo, exclusive: boolean, work: () => Promise<T
 }
 function isGone(pid: unknown): boolean {
   try {
-    process.kill(Number(pid), 0);
-    return false;
+    return !process.kill(Number(pid), 0);
   } catch (error) {
     return (error as Untyped).code === "ESRCH"; // EPERM: alive, another user's
   }
-}
-/** Runs tasks at once, at most maxCount of them and maxBytes of their sizes together. The first
- * failure is kept: add() and drain() throw it. */
-function makeLimiter(maxBytes: number, maxCount: number) {
-  const running = new Map<Promise<void>, number>(); // each running task and its size
-  const errors: unknown[] = [];
-  const runningBytes = () => [...running.values()].reduce((sum, size) => sum + size, 0);
-  async function add(size: number, task: () => Promise<unknown>): Promise<void> {
-    while (running.size > 0 && (running.size >= maxCount || runningBytes() + size > maxBytes)) {
-      await Promise.race(running.keys());
-    }
-    if (errors.length > 0) throw errors[0];
-    const promise = task().then(() => {}, (error) => void errors.push(error));
-    running.set(promise, size);
-    promise.then(() => running.delete(promise));
-  }
-  async function drain(): Promise<void> {
-    await Promise.all(running.keys());
-    if (errors.length > 0) throw errors[0];
-  }
-  return { add, drain };
 }
 
 // ---- Storage (§1, §7): one Store over an SFTP server or a local folder ------------------------
@@ -347,9 +322,9 @@ type Files = {
   ext_openssh_rename(from: string, to: string, done: Done): void; // replaces `to` atomically
   ext_openssh_fsync(handle: Untyped, done: Done): void;
 };
-/** Files with what they offer (on a server: OpenSSH's atomic rename and fsync), how many objects
- * may be in flight, and the connection's state: once lost, calls fail and reads are not damage. */
-type Connection = Offers & { files: Files; name: string; local: boolean; inFlight: number };
+/** Files with what they offer (on a server: OpenSSH's atomic rename and fsync), and the
+ * connection's state: once it is lost, calls fail at once and a failed read is not damage. */
+type Connection = Offers & { files: Files; name: string; local: boolean };
 type Offers = { posixRename: boolean; fsync: boolean; isLost: () => boolean; end: () => void };
 type Store = ReturnType<typeof makeStore>;
 const FOLDERS = ["snapshots", "data", "locks", "tmp"]; // §1
@@ -403,7 +378,6 @@ function makeStore(connection: Connection, root: string) {
   return {
     root,
     local: connection.local,
-    inFlight: connection.inFlight,
     close: connection.end,
     create,
     isFolder,
@@ -508,12 +482,10 @@ async function connectSsh(destination: string, port: string, options: Options) {
     const hint = `an unknown host needs --accept-new-host; \`ssh ${destination}\` shows why`;
     throw new UserError(`The SSH connection to ${destination} ended before SFTP started`, 1, hint);
   }
-  const handles = sftp.maxOpenHandles ?? 2 * IN_FLIGHT_UNANNOUNCED; // a close may lag an open,
-  const inFlight = Math.max(1, Math.min(IN_FLIGHT_MAX, Math.floor(handles / 2))); // so 2 each
   const posixRename = sftp._extensions["posix-rename@openssh.com"] === "1";
   const fsync = sftp._extensions["fsync@openssh.com"] === "1";
   const [files, isLost, end] = [sftp as Files, () => lost, () => sftp.end()];
-  return { files, name: destination, local: false, inFlight, posixRename, fsync, isLost, end };
+  return { files, name: destination, local: false, posixRename, fsync, isLost, end };
 }
 
 // ---- Backup -----------------------------------------------------------------------------------
@@ -607,7 +579,6 @@ async function backup(repo: Repo, [source]: string[], options: Options, ui: Ui):
   const before = parent ? await loadManifest(repo, parent).catch(orphan) : [];
   const previous = new Map(before.map((entry) => [entry.path, entry]));
   const known = new Set(before.flatMap((entry) => entry.chunks ?? [])); // §4: stored already
-  const uploads = makeLimiter(IN_FLIGHT_BYTES, repo.store.inFlight);
   const repository = repo.store.local ? Deno.realPathSync(repo.store.root) : "";
   const entries = scanTree(root, options.exclude ?? [], repository, ui);
   const files = entries.filter((entry) => entry.type === "file");
@@ -621,12 +592,10 @@ async function backup(repo: Repo, [source]: string[], options: Options, ui: Ui):
     const id = await chunkId(repo.keys, chunk);
     if (known.has(id)) return id;
     known.add(id);
-    await uploads.add(chunk.length, async () => {
-      if (await repo.store.exists(`data/${id}`)) return; // sent by an interrupted run
-      await repo.store.write(`data/${id}`, await seal(repo.keys, `data/${id}`, chunk));
-      done.sent += chunk.length;
-      done.chunks++;
-    });
+    if (await repo.store.exists(`data/${id}`)) return id; // sent by an interrupted run
+    await repo.store.write(`data/${id}`, await seal(repo.keys, `data/${id}`, chunk));
+    done.sent += chunk.length;
+    done.chunks++;
     return id;
   };
   const readChunk = (chunk: Bytes) => {
@@ -661,8 +630,7 @@ async function backup(repo: Repo, [source]: string[], options: Options, ui: Ui):
   for (let offset = 0; offset < packed.length; offset += CHUNK_BYTES) {
     manifest.chunks.push(await putChunk(packed.slice(offset, offset + CHUNK_BYTES)));
   }
-  await uploads.drain(); // §6: every chunk is stored before a snapshot can refer to it
-  repo.store.syncFolder("data");
+  repo.store.syncFolder("data"); // §6: every chunk is stored before a snapshot can refer to it
   const id = hex(random(8));
   const snapshot = { time: new Date().toISOString(), host: hostname(), source: root, manifest };
   await putJson(repo, `snapshots/${id}`, { ...snapshot, parent: parent?.id, bytes: total });
@@ -788,16 +756,12 @@ async function restore(repo: Repo, [, target]: string[], options: Options, ui: U
     await Deno.rename(temporary, path);
   }
   try {
-    const restoring = makeLimiter(IN_FLIGHT_BYTES, repo.store.inFlight);
     for (const [index, entry] of entries.entries()) { // path order: a folder before what it holds
       const temporary = join(scratch, String(index));
       if (entry.type === "dir") await attempt(entry, restoreFolder);
       if (entry.type === "symlink") await attempt(entry, (to) => restoreLink(entry, to, temporary));
-      const size = Math.min(entry.size ?? 0, CHUNK_BYTES); // a file holds one chunk at a time
-      const work = (to: string) => restoreFile(entry, to, temporary);
-      if (entry.type === "file") await restoring.add(size, () => attempt(entry, work));
+      if (entry.type === "file") await attempt(entry, (to) => restoreFile(entry, to, temporary));
     }
-    await restoring.drain();
   } finally {
     await Deno.remove(scratch, { recursive: true }); // before the target's own time is set
   }
@@ -847,9 +811,7 @@ async function forget(repo: Repo, _args: string[], options: Options, ui: Ui): Pr
   }
   const stored = await repo.store.list("data");
   const unneeded = stored.filter((item) => isHex(item.name, 64) && !needed.has(item.name));
-  const deleting = makeLimiter(Infinity, repo.store.inFlight);
-  for (const { name } of unneeded) await deleting.add(0, () => repo.store.remove(`data/${name}`));
-  await deleting.drain();
+  for (const { name } of unneeded) await repo.store.remove(`data/${name}`);
   const freed = unneeded.reduce((sum, item) => sum + item.size, 0);
   ui.info(`Deleted ${unneeded.length} data objects: ${mib(freed)} freed`);
 }
@@ -975,7 +937,7 @@ function parseLocation(location: string) {
 async function openRepo(location: string, options: Options, create = false): Promise<Repo> {
   const passphrase = getPassphrase(options); // first: ssh must not see $NFREEZER_PASSWORD
   const { destination, port, path } = parseLocation(location);
-  const local = { files: LOCAL_FILES, name: path, local: true, inFlight: IN_FLIGHT_MAX };
+  const local = { files: LOCAL_FILES, name: path, local: true };
   const always = { posixRename: true, fsync: true, isLost: () => false, end() {} };
   const connection = destination
     ? await connectSsh(destination, port, options)
