@@ -640,22 +640,9 @@ async function backup(repo: Repo, [source]: string[], options: Options, ui: Ui):
 
 // ---- Restore ----------------------------------------------------------------------------------
 
-/** True if `path` is `folder` or lies under it ("" is the root, above every path). */
-const isWithin = (path: string, folder: string) =>
-  folder === "" || path === folder || path.startsWith(`${folder}/`);
 /** node:fs takes seconds: half a millisecond more keeps float rounding from losing one. */
 const fsTime = (entry: Entry) => (entry.mtime + 0.5) / 1000;
 
-/** The entries --include selects: each path named, what is under it, and the folders above it. */
-function selectEntries(entries: Entry[], includes: string[]): Entry[] {
-  const wanted = includes.map((path) => path.replace(/^(\.\/)+|\/+$/g, "")); // "./a/" is "a"
-  const missing = wanted.find((path) => !entries.some((entry) => entry.path === path));
-  if (missing !== undefined) throw new UserError(`The snapshot holds no ${missing}`);
-  if (wanted.length === 0) return entries;
-  return entries.filter((entry) =>
-    wanted.some((path) => isWithin(entry.path, path) || isWithin(path, entry.path))
-  );
-}
 /** Sets an entry's mode (never setuid or setgid) and time through an open file or folder. */
 async function finish(file: FileHandle, entry: Entry): Promise<void> {
   await file.chmod(entry.mode & RESTORED_MODE_BITS);
@@ -687,7 +674,7 @@ async function prepareTarget(target: string): Promise<string> {
 async function restore(repo: Repo, [, target]: string[], options: Options, ui: Ui): Promise<void> {
   const started = Date.now();
   const snapshot = await findSnapshot(repo, ui, options.snapshot);
-  const entries = selectEntries(await loadManifest(repo, snapshot), options.include ?? []);
+  const entries = await loadManifest(repo, snapshot);
   const root = await prepareTarget(resolve(target));
   const scratch = await Deno.makeTempDir({ dir: root, prefix: SCRATCH_PREFIX }); // mode 0700
   const total = entries.reduce((sum, entry) => sum + (entry.size ?? 0), 0);
@@ -780,32 +767,32 @@ async function snapshots(repo: Repo, _args: string[], _options: Options, ui: Ui)
     ui.info(`${id}  ${time}  ${host}:${source}  ${mib(bytes)}`);
   }
 }
-/** §9: keeps the newest `keep` snapshots of each host and source folder and removes the others,
- * then deletes every data object no remaining snapshot needs. If a snapshot or manifest does not
- * open, nothing is deleted (exit 3): it might need any object. Killed at any point, every
- * snapshot left restores: snapshots go first, then the objects that only they needed. */
+
+/** §9: keeps the newest N snapshots of each host and source folder and removes the others, then
+ * deletes every data object that no remaining snapshot needs. Nothing is deleted if a snapshot or
+ * manifest does not open (exit 3): it might need any object. Killed at any point, every snapshot
+ * left restores: snapshots go first, then the objects that only they needed. */
 async function forget(repo: Repo, _args: string[], options: Options, ui: Ui): Promise<void> {
   const keep = Number(options["keep-last"]);
   const usage = "forget takes --keep-last N, a whole number from 1";
   if (!Number.isInteger(keep) || keep < 1) throw new UserError(usage, 2, HELP);
-  const snapshots = await listSnapshots(repo, ui);
-  const refuse = (why: string) => new UserError(`Nothing deleted: ${why}`, 3);
-  if (ui.problems > 0) throw refuse("a snapshot that does not open may need any data");
-  const counts = new Map<string, number>(); // snapshots seen of each host and source, newest first
-  const forgotten = snapshots.toReversed().filter((snapshot) => {
+  const snapshots = (await listSnapshots(repo, ui)).toReversed(); // newest first
+  if (ui.problems > 0) {
+    throw new UserError("Nothing deleted: a damaged snapshot may need any data", 3);
+  }
+  const seen = new Map<string, number>(); // snapshots kept of each host and source
+  const kept = snapshots.filter((snapshot) => {
     const group = JSON.stringify([snapshot.host, snapshot.source]);
-    counts.set(group, (counts.get(group) ?? 0) + 1);
-    return counts.get(group)! > keep;
+    seen.set(group, (seen.get(group) ?? 0) + 1);
+    return seen.get(group)! <= keep;
   });
   const needed = new Set<string>();
-  for (const snapshot of snapshots.filter((snapshot) => !forgotten.includes(snapshot))) {
-    const entries = await loadManifest(repo, snapshot).catch((error) => {
-      throw isDamage(error) ? refuse(error.message) : error;
-    });
+  for (const snapshot of kept) { // a damaged manifest stops here (exit 3), before any delete
+    const entries = await loadManifest(repo, snapshot);
     for (const id of snapshot.manifest.chunks) needed.add(id);
     for (const entry of entries) entry.chunks?.forEach((id) => needed.add(id));
   }
-  for (const snapshot of forgotten) {
+  for (const snapshot of snapshots.filter((snapshot) => !kept.includes(snapshot))) {
     await repo.store.remove(`snapshots/${snapshot.id}`);
     ui.info(`Removed snapshot ${snapshot.id} of ${snapshot.time}`);
   }
@@ -824,25 +811,23 @@ const HELP = `see ${SELF} --help`;
 const USAGE = `Usage: ${SELF} <command> ...     (nfreezer ${VERSION}: encrypted backups)
   init      <repo>                create a repository (backup needs one)
   backup    <source-dir> <repo>   add a snapshot         [--exclude GLOB]...
-  restore   <repo> <target-dir>   restore a snapshot     [--snapshot ID] [--include PATH]...
+  restore   <repo> <target-dir>   restore a snapshot     [--snapshot ID]
   snapshots <repo>                list the snapshots
   forget    <repo> --keep-last N  keep the newest N snapshots of each source folder, delete the
                                   others and the data only they need
 <repo>: /local/path, ./relative/path, user@host:path or sftp://user@host[:port]/path.
 ID: a unique prefix of a snapshot id; the default is the newest snapshot.
-PATH: a file or folder in the snapshot (with what it holds and the folders above it).
 Options:
-  --password-file FILE  read the passphrase from FILE (else $NFREEZER_PASSWORD, else a prompt)
+  --password-file FILE  read the passphrase from FILE (else $NFREEZER_PASSWORD)
   -i, --identity FILE   SSH key for ssh ($NFREEZER_SSH, default ssh, with its ~/.ssh/config)
   --known-hosts FILE    SSH known hosts file (ssh's UserKnownHostsFile)
   --accept-new-host     trust and remember the key of a host not yet in known_hosts
-  -h, --help            this help                   --version  the version
+  -h, --help            this help               --version  the version
 Exit codes: 0 ok, 1 error, 2 usage error, 3 integrity error (tampered or missing data)`;
 type Options = Record<string, Untyped>;
 const OPTIONS = {
   exclude: { type: "string", multiple: true },
   snapshot: { type: "string" },
-  include: { type: "string", multiple: true },
   "keep-last": { type: "string" },
   "password-file": { type: "string" },
   identity: { type: "string", short: "i" },
@@ -859,65 +844,60 @@ type Command = { args: string[]; options: string[]; lock?: "shared" | "exclusive
 const COMMANDS: Record<string, Command> = {
   init: { args: ["<repo>"], options: [], run: () => Promise.resolve() }, // openRepo makes it
   backup: { args: ["<source-dir>", "<repo>"], options: ["exclude"], lock: "shared", run: backup },
-  restore: { args: ["<repo>", "<target-dir>"], options: ["snapshot", "include"], run: restore },
+  restore: { args: ["<repo>", "<target-dir>"], options: ["snapshot"], run: restore },
   snapshots: { args: ["<repo>"], options: [], run: snapshots },
   forget: { args: ["<repo>"], options: ["keep-last"], lock: "exclusive", run: forget },
 };
+
 /** Output. Problems are counted: the command exits 1 (3 if one was damage) once it did the rest.
  * On a terminal, a status line on stderr, redrawn at most once a second. */
 function makeUi() {
-  const hasStatus = Deno.stderr.isTerminal();
-  let drawnAt = 0;
-  const clearStatus = () => drawnAt > 0 && Deno.stderr.writeSync(utf8("\r\x1b[K"));
+  let drawnAt = 0; // 0: no status line is on the screen
+  const print = (text: string, log = console.log) => {
+    if (drawnAt > 0) Deno.stderr.writeSync(utf8("\r\x1b[K"));
+    log(text);
+  };
   const ui = {
     problems: 0,
     exitCode: 1,
-    info(text: string) {
-      clearStatus();
-      console.log(text);
-    },
-    warn(text: string) {
-      clearStatus();
-      console.error(`nfreezer: warning: ${printable(text)}`);
-    },
+    info: (text: string) => print(text),
+    warn: (text: string) => print(`nfreezer: warning: ${printable(text)}`, console.error),
     problem(text: string, exitCode = 1) {
       ui.warn(text);
       ui.problems++;
       ui.exitCode = Math.max(ui.exitCode, exitCode);
     },
     status(text: () => string) {
-      if (!hasStatus || Date.now() - drawnAt < STATUS_EVERY_MS) return;
+      if (!Deno.stderr.isTerminal() || Date.now() - drawnAt < STATUS_EVERY_MS) return;
       drawnAt = Date.now();
       Deno.stderr.writeSync(utf8(`\r\x1b[K${printable(text())}`));
     },
   };
   return ui;
 }
+
 /** No control codes from a server or a file name reach the terminal. */
 const printable = (text: string) => text.replace(/\p{Cc}/gu, "?");
 
-function strictUtf8(bytes: Uint8Array): string {
-  try {
-    return new TextDecoder("utf-8", { fatal: true }).decode(bytes);
-  } catch {
-    throw new UserError("The passphrase is not valid UTF-8");
-  }
-}
 /** The passphrase from --password-file, else $NFREEZER_PASSWORD, which is then removed from the
- * environment: ssh and its ProxyCommand never see it. */
+ * environment: ssh and its ProxyCommand never see it. Strict UTF-8: no two passphrases collide. */
 function getPassphrase(options: Options): string {
   const file = options["password-file"];
-  let passphrase = file ? strictUtf8(Deno.readFileSync(file)).replace(/\r?\n$/, "") : "";
+  const invalid = new UserError("The passphrase is not valid UTF-8");
   try {
-    passphrase ||= Deno.env.get("NFREEZER_PASSWORD") ?? "";
+    const text = file
+      ? new TextDecoder("utf-8", { fatal: true }).decode(Deno.readFileSync(file))
+      : "";
+    const passphrase = text.replace(/\r?\n$/, "") || (Deno.env.get("NFREEZER_PASSWORD") ?? "");
     Deno.env.delete("NFREEZER_PASSWORD");
-  } catch {
-    throw new UserError("The passphrase is not valid UTF-8"); // Deno.env.get refused it
+    const hint = "give it with --password-file FILE or $NFREEZER_PASSWORD";
+    if (passphrase === "") throw new UserError("A passphrase is needed", 1, hint);
+    return passphrase;
+  } catch (error) {
+    throw error instanceof TypeError || error instanceof Deno.errors.InvalidData ? invalid : error;
   }
-  const hint = "give it with --password-file FILE or $NFREEZER_PASSWORD";
-  if (passphrase === "") throw new UserError("A passphrase is needed", 1, hint);
-  return passphrase;
 }
+
 /** Splits a location into an ssh destination, port and path (no destination: a local path). */
 function parseLocation(location: string) {
   if (location.startsWith("sftp://")) {
@@ -933,15 +913,15 @@ function parseLocation(location: string) {
   if (scp) return { destination: scp[1], port: "", path: scp[2].replace(/^~\//, "") || "." };
   return { destination: "", port: "", path: resolve(location) };
 }
+
 /** Opens the repository at a location, or with `create` makes a new one there (init). */
 async function openRepo(location: string, options: Options, create = false): Promise<Repo> {
   const passphrase = getPassphrase(options); // first: ssh must not see $NFREEZER_PASSWORD
   const { destination, port, path } = parseLocation(location);
-  const local = { files: LOCAL_FILES, name: path, local: true };
-  const always = { posixRename: true, fsync: true, isLost: () => false, end() {} };
+  const local = { files: LOCAL_FILES, name: path, local: true, posixRename: true, fsync: true };
   const connection = destination
     ? await connectSsh(destination, port, options)
-    : { ...local, ...always };
+    : { ...local, isLost: () => false, end() {} };
   const store = makeStore(connection, path);
   try {
     if (create) return await createRepo(store, location, passphrase);
@@ -951,35 +931,33 @@ async function openRepo(location: string, options: Options, create = false): Pro
     for (const folder of FOLDERS) {
       if (!await store.isFolder(folder)) throw damaged(`${path}/${folder}`);
     }
-    const config = await store.read("config");
-    return { store, keys: await unlockConfig(config, passphrase) };
+    return { store, keys: await unlockConfig(await store.read("config"), passphrase) };
   } catch (error) {
     store.close();
     throw error;
   }
 }
+
 /** §1, §2: a repository in an empty or missing folder (made as mkdir -p does). The config comes
  * last, created exclusively and read back: of two runs at once one config wins, the other run
  * stops, and no run writes under a key that is not the repository's. */
 async function createRepo(store: Store, location: string, passphrase: string): Promise<Repo> {
-  const listing = await store.list("").catch(() => null); // none if it is not there yet
-  if (listing === null) throw new UserError(`${location} is not a folder`);
-  const names = listing.map((item) => item.name);
+  const names = (await store.list("").catch(() => null))?.map((item) => item.name);
+  if (names === undefined) throw new UserError(`${location} is not a folder`);
   if (names.includes("config")) throw new UserError(`${location} is a repository already`);
   const foreign = names.some((name) => !FOLDERS.includes(name));
   if (foreign) throw new UserError(`${location} is not empty, and not a repository`);
   const [master, salt, nonce] = [random(2 * KEY_BYTES), random(SALT_BYTES), random(NONCE_BYTES)];
   const config = utf8(await wrapMaster(passphrase, master, salt, nonce));
-  try {
-    await store.makeFolders();
-    await store.create("config", config);
-  } catch (error) {
+  await store.makeFolders();
+  await store.create("config", config).catch(async (error) => {
     if (!await store.exists("config")) throw error;
     throw new UserError(`Another run created a repository at ${location} meanwhile`);
-  }
+  });
   if (Buffer.compare(await store.read("config"), config) !== 0) throw damaged("The new config");
   return { store, keys: await importKeys(master) };
 }
+
 async function runCli(argv: string[]): Promise<void> {
   process.umask(0o077); // safe default: what this process creates is private to the user
   const parsed = parseArgs({ args: argv, options: OPTIONS, allowPositionals: true });
@@ -994,9 +972,8 @@ async function runCli(argv: string[]): Promise<void> {
   if (foreign && !command.options.includes(foreign)) {
     throw new UserError(`${name} does not take --${foreign}`, 2, usage);
   }
-  if (args.length !== command.args.length) {
-    throw new UserError(`${name} takes ${command.args.join(" ")}`, 2, usage);
-  }
+  const wanted = command.args.join(" ");
+  if (args.length !== command.args.length) throw new UserError(`${name} takes ${wanted}`, 2, usage);
   const ui = makeUi();
   const repo = await openRepo(args[command.args.indexOf("<repo>")], options, name === "init");
   const run = () => command.run(repo, args, options, ui);
@@ -1006,6 +983,7 @@ async function runCli(argv: string[]): Promise<void> {
   const problems = `${ui.problems} problem${ui.problems === 1 ? "" : "s"} (see the warnings above)`;
   if (ui.problems > 0) throw new UserError(problems, ui.exitCode);
 }
+
 /** Runs the command line and returns the exit code; errors that are not ours keep their stack. */
 export async function main(argv: string[]): Promise<number> {
   try {
