@@ -1,7 +1,6 @@
 #!/usr/bin/env -S deno run -A --v8-flags=--max-semi-space-size=8,--heap-growing-percent=20
 /**
  * nfreezer.ts: encrypted-at-rest backups to an SFTP server or a local disk, in one auditable file.
- *   deno run -A nfreezer.ts init user@host:/backups/docs      (then backup, restore: see --help)
  * THREAT MODEL. Trusted: this machine, the passphrase, the user's OpenSSH client and known_hosts.
  * Untrusted: the storage server, anyone who can write to the repository, the network, and what a
  *   restore target already holds.
@@ -10,12 +9,11 @@
  *   reaches a final path: restore reproduces the snapshot or exits 3 naming what it could not
  *   verify. Nothing lands outside the target, or through a link found in it or in a local
  *   repository. Memory stays bounded whatever the stored objects hold.
- * Not hidden: the total size, number and Padmé-padded sizes of objects (so a changed file's size
- *   to ~12%), when backups run and how much changed. The server can delete the repository or
- *   withhold the newest snapshots, undetected. Another local user who can write to a folder
- *   above a restore target can redirect that restore (see the README's threat model).
+ * Not hidden: the total size, number and Padmé-padded sizes of objects, when backups run and how
+ *   much changed. The server can delete the repository or withhold the newest snapshots. Another
+ *   local user who can write above a restore target can redirect that restore (README).
  * FORMAT 2: §1 layout, §2 config, §3 objects, §4 chunks, §5 manifest, §6 snapshots, §7 writes,
- * §8 locks, §9 forget, cited in the code; the README's Format section has each in full.
+ * §8 locks, cited in the code; the README's Format section has each in full.
  */
 
 import { Buffer } from "node:buffer";
@@ -261,32 +259,21 @@ async function findSnapshot(repo: Repo, ui: Ui, prefix = ""): Promise<Snapshot> 
   if (matches.length > 0) return matches[matches.length - 1];
   throw new UserError(prefix ? `No snapshot ${prefix}` : "No snapshots", ui.exitCode);
 }
-/** §8: runs work holding a lock, shared (backup) or exclusive (forget). Every run writes its lock
- * before it reads the others, so of two that start together each sees the other. A lock of this
- * host whose process is gone is stale and removed; any other counts, even one that does not open.
- * With no other lock left no other run can be writing, and tmp/ is emptied (§7). */
-async function withLock<T>(repo: Repo, exclusive: boolean, work: () => Promise<T>): Promise<T> {
+/** §8: runs a backup holding a lock. A lock of this host whose process is gone is stale and
+ * removed; any other lock counts, even one that does not open. With no other lock left no other
+ * run can be writing, and tmp/ is emptied (§7). */
+async function withLock<T>(repo: Repo, work: () => Promise<T>): Promise<T> {
   const own = hex(random(8));
-  await putJson(repo, `locks/${own}`, { host: hostname(), pid: Deno.pid, exclusive });
+  await putJson(repo, `locks/${own}`, { host: hostname(), pid: Deno.pid });
   try {
-    const others = [];
+    let others = 0;
     for (const { name: id } of await repo.store.list("locks")) {
       if (!isHex(id, 16) || id === own) continue;
-      const lock = await getJson(repo, `locks/${id}`).catch(async () => {
-        if (!await repo.store.exists(`locks/${id}`)) return null; // released meanwhile
-        return { host: "an unknown host", exclusive: true };
-      });
-      if (lock === null) continue;
-      if (lock.host === hostname() && isGone(lock.pid)) await repo.store.remove(`locks/${id}`);
-      else others.push({ id, host: String(lock.host), exclusive: lock.exclusive === true });
+      const lock = await getJson(repo, `locks/${id}`).catch(() => null); // gone, or not ours
+      if (lock?.host === hostname() && isGone(lock.pid)) await repo.store.remove(`locks/${id}`);
+      else others++;
     }
-    const blocking = exclusive ? others[0] : others.find((lock) => lock.exclusive);
-    if (blocking) {
-      const what = `${blocking.exclusive ? "forget" : "a backup"} (lock ${blocking.id})`;
-      const hint = `if nothing runs on ${blocking.host}, delete locks/${blocking.id} in it`;
-      throw new UserError(`The repository is in use by ${what}`, 1, hint);
-    }
-    const leftovers = others.length === 0 ? await repo.store.list("tmp") : []; // §7: killed runs'
+    const leftovers = others === 0 ? await repo.store.list("tmp") : []; // §7: of killed runs
     for (const { name } of leftovers) if (isHex(name, 16)) await repo.store.remove(`tmp/${name}`);
     return await work();
   } finally {
@@ -760,47 +747,12 @@ async function restore(repo: Repo, [, target]: string[], options: Options, ui: U
   ui.info(`Restored snapshot ${snapshot.id}: ${progress()}`);
 }
 
-// ---- Maintenance: snapshots, forget (§9) ------------------------------------------------------
+// ---- Snapshots ------------------------------------------------------------------------------
 
 async function snapshots(repo: Repo, _args: string[], _options: Options, ui: Ui): Promise<void> {
   for (const { id, time, host, source, bytes } of await listSnapshots(repo, ui) as Untyped[]) {
     ui.info(`${id}  ${time}  ${host}:${source}  ${mib(bytes)}`);
   }
-}
-
-/** §9: keeps the newest N snapshots of each host and source folder and removes the others, then
- * deletes every data object that no remaining snapshot needs. Nothing is deleted if a snapshot or
- * manifest does not open (exit 3): it might need any object. Killed at any point, every snapshot
- * left restores: snapshots go first, then the objects that only they needed. */
-async function forget(repo: Repo, _args: string[], options: Options, ui: Ui): Promise<void> {
-  const keep = Number(options["keep-last"]);
-  const usage = "forget takes --keep-last N, a whole number from 1";
-  if (!Number.isInteger(keep) || keep < 1) throw new UserError(usage, 2, HELP);
-  const snapshots = (await listSnapshots(repo, ui)).toReversed(); // newest first
-  if (ui.problems > 0) {
-    throw new UserError("Nothing deleted: a damaged snapshot may need any data", 3);
-  }
-  const seen = new Map<string, number>(); // snapshots kept of each host and source
-  const kept = snapshots.filter((snapshot) => {
-    const group = JSON.stringify([snapshot.host, snapshot.source]);
-    seen.set(group, (seen.get(group) ?? 0) + 1);
-    return seen.get(group)! <= keep;
-  });
-  const needed = new Set<string>();
-  for (const snapshot of kept) { // a damaged manifest stops here (exit 3), before any delete
-    const entries = await loadManifest(repo, snapshot);
-    for (const id of snapshot.manifest.chunks) needed.add(id);
-    for (const entry of entries) entry.chunks?.forEach((id) => needed.add(id));
-  }
-  for (const snapshot of snapshots.filter((snapshot) => !kept.includes(snapshot))) {
-    await repo.store.remove(`snapshots/${snapshot.id}`);
-    ui.info(`Removed snapshot ${snapshot.id} of ${snapshot.time}`);
-  }
-  const stored = await repo.store.list("data");
-  const unneeded = stored.filter((item) => isHex(item.name, 64) && !needed.has(item.name));
-  for (const { name } of unneeded) await repo.store.remove(`data/${name}`);
-  const freed = unneeded.reduce((sum, item) => sum + item.size, 0);
-  ui.info(`Deleted ${unneeded.length} data objects: ${mib(freed)} freed`);
 }
 
 // ---- Command line -----------------------------------------------------------------------------
@@ -813,8 +765,6 @@ const USAGE = `Usage: ${SELF} <command> ...     (nfreezer ${VERSION}: encrypted 
   backup    <source-dir> <repo>   add a snapshot         [--exclude GLOB]...
   restore   <repo> <target-dir>   restore a snapshot     [--snapshot ID]
   snapshots <repo>                list the snapshots
-  forget    <repo> --keep-last N  keep the newest N snapshots of each source folder, delete the
-                                  others and the data only they need
 <repo>: /local/path, ./relative/path, user@host:path or sftp://user@host[:port]/path.
 ID: a unique prefix of a snapshot id; the default is the newest snapshot.
 Options:
@@ -828,7 +778,6 @@ type Options = Record<string, Untyped>;
 const OPTIONS = {
   exclude: { type: "string", multiple: true },
   snapshot: { type: "string" },
-  "keep-last": { type: "string" },
   "password-file": { type: "string" },
   identity: { type: "string", short: "i" },
   "known-hosts": { type: "string" },
@@ -836,17 +785,16 @@ const OPTIONS = {
   help: { type: "boolean", short: "h" },
   version: { type: "boolean" },
 } as const;
-/** Each command: its arguments ("<repo>" is opened first), the options only it takes, the lock
- * it holds (§8), and what it does. */
-type Command = { args: string[]; options: string[]; lock?: "shared" | "exclusive" } & {
+/** Each command: its arguments ("<repo>" is opened first), the options only it takes, whether it
+ * holds a lock (§8), and what it does. */
+type Command = { args: string[]; options: string[]; locked?: boolean } & {
   run: (repo: Repo, args: string[], options: Options, ui: Ui) => Promise<void>;
 };
 const COMMANDS: Record<string, Command> = {
   init: { args: ["<repo>"], options: [], run: () => Promise.resolve() }, // openRepo makes it
-  backup: { args: ["<source-dir>", "<repo>"], options: ["exclude"], lock: "shared", run: backup },
+  backup: { args: ["<source-dir>", "<repo>"], options: ["exclude"], locked: true, run: backup },
   restore: { args: ["<repo>", "<target-dir>"], options: ["snapshot"], run: restore },
   snapshots: { args: ["<repo>"], options: [], run: snapshots },
-  forget: { args: ["<repo>"], options: ["keep-last"], lock: "exclusive", run: forget },
 };
 
 /** Output. Problems are counted: the command exits 1 (3 if one was damage) once it did the rest.
@@ -977,8 +925,7 @@ async function runCli(argv: string[]): Promise<void> {
   const ui = makeUi();
   const repo = await openRepo(args[command.args.indexOf("<repo>")], options, name === "init");
   const run = () => command.run(repo, args, options, ui);
-  const locked = command.lock ? () => withLock(repo, command.lock === "exclusive", run) : run;
-  await locked().finally(() => repo.store.close());
+  await (command.locked ? withLock(repo, run) : run()).finally(() => repo.store.close());
   if (name === "init") ui.info(`Created ${args[0]}`);
   const problems = `${ui.problems} problem${ui.problems === 1 ? "" : "s"} (see the warnings above)`;
   if (ui.problems > 0) throw new UserError(problems, ui.exitCode);
