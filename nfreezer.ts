@@ -162,7 +162,7 @@ async function chunkId(keys: Keys, chunk: Bytes): Promise<string> {
   return hex(new Uint8Array(await subtle.sign("HMAC", keys.idKey, chunk)));
 }
 
-// ---- Repository objects (§4–§9): everything read is checked before it is used ----------------
+// ---- Repository objects (§4–§8): everything read is checked before it is used ----------------
 
 type Repo = { store: Store; keys: Keys };
 type Content = { size: number; chunks: string[] }; // §4: a file's or a manifest's chunks
@@ -183,8 +183,7 @@ function isContent(value: unknown): value is Content {
   if (!Number.isSafeInteger(size) || size < 0 || !Array.isArray(chunks)) return false;
   return chunks.length === Math.ceil(size / CHUNK_BYTES) && chunks.every((id) => isHex(id, 64));
 }
-/** §4: the chunks of a file or manifest in order, each handed out only once it is authenticated
- * and matches its id and its length (which follows from the size and the chunk's index). */
+/** §4: a file's or manifest's chunks, each handed out once it opens and matches id and length. */
 async function* chunksOf(repo: Repo, content: Content): AsyncGenerator<Bytes> {
   for (const [index, id] of content.chunks.entries()) {
     const length = Math.min(CHUNK_BYTES, content.size - index * CHUNK_BYTES);
@@ -215,7 +214,7 @@ async function loadManifest(repo: Repo, snapshot: Snapshot): Promise<Entry[]> {
     packed.set(chunk, filled);
     filled += chunk.length;
   }
-  const what = `The manifest of snapshot ${snapshot.id}`;
+  const what = `Manifest ${snapshot.id}`;
   const entries = parseJson(packed, what, true);
   const rooted = Array.isArray(entries) && entries[0]?.path === "" && entries[0]?.type === "dir";
   if (!rooted) throw damaged(what);
@@ -223,16 +222,15 @@ async function loadManifest(repo: Repo, snapshot: Snapshot): Promise<Entry[]> {
   for (const entry of entries) {
     const placed = entry?.path === "" || types.get(parentOf(entry?.path)) === "dir";
     if (!isEntry(entry) || types.has(entry.path) || !placed) {
-      throw damaged(`${what} at ${entry?.path}`);
+      throw damaged(`${what}, ${entry?.path}`);
     }
     types.set(entry.path, entry.type);
   }
   return entries;
 }
-/** §6: the snapshots that open, oldest first (read 32 at once); one that does not open is named
- * as a problem (exit 3 at the end) and skipped. */
+/** §6: the snapshots that open, oldest first; one that does not is named (exit 3) and skipped. */
 async function listSnapshots(repo: Repo, ui: Ui): Promise<Snapshot[]> {
-  const ids = (await repo.store.list("snapshots")).map((item) => item.name);
+  const ids = await repo.store.list("snapshots");
   const snapshots: Snapshot[] = [];
   const open = async (id: string) => {
     try {
@@ -246,7 +244,7 @@ async function listSnapshots(repo: Repo, ui: Ui): Promise<Snapshot[]> {
       ui.problem(`skipped snapshot ${id}: ${(error as Error).message}`, 3);
     }
   };
-  const named = ids.filter((id) => isHex(id, 16));
+  const named = ids.filter((id) => isHex(id, 16)); // read 32 at once
   for (let at = 0; at < named.length; at += 32) {
     await Promise.all(named.slice(at, at + 32).map(open));
   }
@@ -267,14 +265,14 @@ async function withLock<T>(repo: Repo, work: () => Promise<T>): Promise<T> {
   await putJson(repo, `locks/${own}`, { host: hostname(), pid: Deno.pid });
   try {
     let others = 0;
-    for (const { name: id } of await repo.store.list("locks")) {
+    for (const id of await repo.store.list("locks")) {
       if (!isHex(id, 16) || id === own) continue;
       const lock = await getJson(repo, `locks/${id}`).catch(() => null); // gone, or not ours
       if (lock?.host === hostname() && isGone(lock.pid)) await repo.store.remove(`locks/${id}`);
       else others++;
     }
     const leftovers = others === 0 ? await repo.store.list("tmp") : []; // §7: of killed runs
-    for (const { name } of leftovers) if (isHex(name, 16)) await repo.store.remove(`tmp/${name}`);
+    for (const name of leftovers) if (isHex(name, 16)) await repo.store.remove(`tmp/${name}`);
     return await work();
   } finally {
     await repo.store.remove(`locks/${own}`).catch(() => {});
@@ -293,24 +291,22 @@ function isGone(pid: unknown): boolean {
 // deno-lint-ignore no-explicit-any
 type Untyped = any; // what ssh2 (it ships no types) hands back, and errors of any kind
 type Done<T = void> = (error: Untyped, result: T) => void;
-type Item = { filename: string; attrs: { size: number } };
-/** The callback calls a Store makes, named as ssh2's SFTP client names them; LOCAL_FILES has the
- * same over node:fs. `handle` is ssh2's Buffer or a file descriptor. */
+type Info = { isDirectory(): boolean };
+/** The callback calls a Store makes, as ssh2's SFTP client names them; LOCAL_FILES: node:fs's. */
 type Files = {
   open(path: string, flags: "r" | "wx", attrs: { mode?: number }, done: Done<Untyped>): void;
   read(handle: Untyped, data: Buffer, at: 0, length: number, from: 0, done: Done<number>): void;
   write(handle: Untyped, data: Buffer, at: 0, length: number, from: 0, done: Done<number>): void;
   close(handle: Untyped, done: Done): void;
-  lstat(path: string, done: Done<{ isDirectory(): boolean }>): void;
-  readdir(path: string, done: Done<Item[]>): void;
+  lstat(path: string, done: Done<Info>): void;
+  readdir(path: string, done: Done<{ filename: string }[]>): void;
   mkdir(path: string, attrs: { mode: number }, done: Done): void;
   unlink(path: string, done: Done): void;
   rename(from: string, to: string, done: Done): void; // SFTP v3: fails if `to` exists
   ext_openssh_rename(from: string, to: string, done: Done): void; // replaces `to` atomically
   ext_openssh_fsync(handle: Untyped, done: Done): void;
 };
-/** Files with what they offer (on a server: OpenSSH's atomic rename and fsync), and the
- * connection's state: once it is lost, calls fail at once and a failed read is not damage. */
+/** Files, what they offer (OpenSSH's extensions on a server), and whether the link was lost. */
 type Connection = Offers & { files: Files; name: string; local: boolean };
 type Offers = { posixRename: boolean; fsync: boolean; isLost: () => boolean; end: () => void };
 type Store = ReturnType<typeof makeStore>;
@@ -319,8 +315,7 @@ const asBuffer = (bytes: Uint8Array) => Buffer.from(bytes.buffer, bytes.byteOffs
 const isMissing = (error: Untyped) => ["ENOENT", "ENOTDIR", 2].includes(error?.code); // 2: SFTP's
 const { O_RDONLY, O_WRONLY, O_CREAT, O_EXCL, O_NOFOLLOW, O_NONBLOCK, O_DIRECTORY } = fs.constants;
 
-/** A Store: objects read and written whole, by name, inside root. A failure is one line ("Cannot
- * read data/…: reason"); a failed read is damage (exit 3) unless the connection has ended. */
+/** Objects read and written whole, by name, inside root; each failure is one line. */
 function makeStore(connection: Connection, root: string) {
   const { files, fsync } = connection;
   const path = (name: string) => name ? `${root}/${name}` : root;
@@ -336,12 +331,12 @@ function makeStore(connection: Connection, root: string) {
         reject(new UserError(`Cannot ${action} ${name || root}: ${reason}`, 1, "", error));
       });
     });
-  /** true: a real folder; false: something else; null: nothing there. */
-  const isFolder = (name: string, full = path(name)) =>
-    call<{ isDirectory(): boolean }>("open", name, (done) => files.lstat(full, done)).then(
-      (info) => info.isDirectory(),
-      (error) => isMissing(error.cause) ? null : Promise.reject(error),
-    );
+  /** What is at name (as lstat sees it: a link is not a folder); null if nothing is. */
+  const lstat = (name: string, full = path(name)) =>
+    call<Info>("open", name, (done) => files.lstat(full, done)).catch((error) => {
+      if (isMissing(error.cause)) return null;
+      throw error;
+    });
   /** Creates name exclusively (mode 0600), writes and syncs it. */
   async function create(name: string, object: Uint8Array): Promise<void> {
     const data = asBuffer(object);
@@ -367,8 +362,8 @@ function makeStore(connection: Connection, root: string) {
     local: connection.local,
     close: connection.end,
     create,
-    isFolder,
-    exists: async (name: string) => (await isFolder(name)) !== null,
+    lstat,
+    exists: async (name: string) => (await lstat(name)) !== null,
     remove: (name: string) => call("delete", name, (done) => files.unlink(path(name), done)),
     /** The whole object, of the size given (else its own, at most SMALL_OBJECT_BYTES). */
     async read(name: string, size?: number): Promise<Bytes> {
@@ -391,18 +386,22 @@ function makeStore(connection: Connection, root: string) {
         else files.rename(path(from), to, done);
       });
     },
-    /** The names and sizes in a folder; none if there is no such folder. */
-    async list(folder: string): Promise<{ name: string; size: number }[]> {
-      if ((await isFolder(folder)) === null) return [];
-      const items = await call<Item[]>("list", folder, (done) => files.readdir(path(folder), done));
-      return items.map((item) => ({ name: item.filename, size: item.attrs.size }));
+    /** The names in a folder; none if there is no such folder. */
+    async list(folder: string): Promise<string[]> {
+      if ((await lstat(folder)) === null) return [];
+      const items = await call<{ filename: string }[]>(
+        "list",
+        folder,
+        (done) => files.readdir(path(folder), done),
+      );
+      return items.map((item) => item.filename);
     },
     /** mkdir -p of the root (mode 0700), then §1's folders in it. */
     async makeFolders(): Promise<void> {
       const parts = root.split("/");
       const above = parts.map((_part, index) => parts.slice(0, index + 1).join("/"));
       for (const folder of [...above, ...FOLDERS.map(path)]) {
-        if (folder === "" || folder === "." || await isFolder(folder, folder) !== null) continue;
+        if (folder === "" || folder === "." || await lstat(folder, folder) !== null) continue;
         await call("create", folder, (done) => files.mkdir(folder, { mode: 0o700 }, done));
       }
     },
@@ -423,21 +422,16 @@ const LOCAL_FILES: Files = {
     fs.open(path, how | O_NOFOLLOW | O_NONBLOCK, 0o600, done);
   },
   readdir: (path, done) =>
-    fs.readdir(path, (error, names) => {
-      const attrs = (name: string) => fs.lstatSync(join(path, name), { throwIfNoEntry: false });
-      done(error, names?.map((filename) => ({ filename, attrs: attrs(filename) ?? { size: 0 } })));
-    }),
+    fs.readdir(path, (error, names) => done(error, names?.map((filename) => ({ filename })))),
   ext_openssh_rename: fs.rename, // atomic, replaces the target
   ext_openssh_fsync: fs.fsync,
 };
-/** Runs the user's own ssh (`$NFREEZER_SSH` through `sh -c`, as git runs GIT_SSH_COMMAND: options
- * there come first and win) as `ssh [options] -s -- DESTINATION sftp`: OpenSSH checks the host
- * key and authenticates; `--` keeps a location from becoming an option. We speak SFTP over its
- * pipes with ssh2's SFTP class, relying on internals of the pinned 1.17.0 (held by the SFTP
- * tests): a stand-in channel (`_protocol.channelData/channelClose`, an `outgoing` window without
- * limit: ssh does flow control), `_init()` sends the version request, `push()` feeds replies
- * (`push(null)` fails all pending requests), `_extensions` and `maxOpenHandles` are what the
- * server's version and limits@openssh.com replies announced. */
+/** Runs the user's own ssh (`$NFREEZER_SSH` through `sh -c`, as git runs GIT_SSH_COMMAND: its
+ * options come first and win) as `ssh [options] -s -- DESTINATION sftp`: OpenSSH checks the host
+ * key and authenticates. ssh2's SFTP class speaks SFTP over its pipes; internals of the pinned
+ * 1.17.0 we rely on (held by the SFTP tests): a stand-in channel (`_protocol.channelData/
+ * channelClose`; ssh does flow control, so `outgoing` has no window), `_init()` sends the version
+ * request, `push()` feeds replies (`push(null)` fails all pending ones), `_extensions`. */
 async function connectSsh(destination: string, port: string, options: Options) {
   const hostKeys = options["accept-new-host"] ? "accept-new" : "yes";
   const args = ["-o", `StrictHostKeyChecking=${hostKeys}`, "-o", "ServerAliveInterval=15"];
@@ -484,8 +478,7 @@ const isFsError = (error: unknown): error is Error => /^E[A-Z0-9]+$/.test((error
 const mib = (bytes: number) => `${(bytes / 2 ** 20).toFixed(1)} MiB`;
 const since = (start: number) => `${((Date.now() - start) / 1000).toFixed(1)} s`;
 
-/** Walks root without following links; dotfiles included; sockets, FIFOs and devices skipped,
- * and so is the repository when it is a local folder inside root. */
+/** Walks root, following no link; skips sockets, FIFOs, devices and the repository itself. */
 function scanTree(root: string, excludes: string[], repository: string, ui: Ui): Entry[] {
   const entries: Entry[] = [];
   const visit = (path: string) => {
@@ -512,9 +505,8 @@ function scanTree(root: string, excludes: string[], repository: string, ui: Ui):
   visit("");
   return entries.sort((a, b) => (a.path < b.path ? -1 : 1));
 }
-/** Reads a regular file chunk by chunk through one handle that follows no link and waits on no
- * FIFO (what was scanned may have been swapped since), handing each chunk to `use`. Returns its
- * size, mtime and chunk ids; null if it changed while it was read or is no longer a file. */
+/** A regular file's chunks, through one handle that follows no link and waits on no FIFO (it may
+ * have been swapped since the scan); null if it changed while read or is no longer a file. */
 async function readFileChunks(path: string, use: UseChunk): Promise<FileState | null> {
   const file = await openFile(path, O_RDONLY | O_NOFOLLOW | O_NONBLOCK);
   try {
@@ -551,8 +543,7 @@ async function storeFile(root: string, path: string, useChunk: UseChunk, ui: Ui)
   }
   return null;
 }
-/** Adds a snapshot of source: reads only files whose size or mtime changed, sends only new chunks.
- * Its progress line, redrawn as it works, is also its summary. */
+/** Adds a snapshot: reads only files whose size or mtime changed, sends only new chunks. */
 async function backup(repo: Repo, [source]: string[], options: Options, ui: Ui): Promise<void> {
   if (!Deno.statSync(source).isDirectory) throw new UserError(`${source} is not a folder`);
   const [started, root] = [Date.now(), Deno.realPathSync(source)];
@@ -593,9 +584,8 @@ async function backup(repo: Repo, [source]: string[], options: Options, ui: Ui):
   const kept: Entry[] = [];
   for (const entry of entries) {
     const old = previous.get(entry.path);
-    if (entry.type !== "file") {
-      kept.push(entry);
-    } else if (old?.type === "file" && old.size === entry.size && old.mtime === entry.mtime) {
+    if (entry.type !== "file") kept.push(entry);
+    else if (old?.type === "file" && old.size === entry.size && old.mtime === entry.mtime) {
       kept.push({ ...entry, chunks: old.chunks });
       done.same++;
       done.bytes += entry.size!;
@@ -633,14 +623,13 @@ const fsTime = (entry: Entry) => (entry.mtime + 0.5) / 1000;
 /** Sets an entry's mode (never setuid or setgid) and time through an open file or folder. */
 async function finish(file: FileHandle, entry: Entry): Promise<void> {
   await file.chmod(entry.mode & RESTORED_MODE_BITS);
-  await file.utimes(fsTime(entry), fsTime(entry)).finally(() => file.close());
+  await file.utimes(fsTime(entry), fsTime(entry));
 }
 /** The target's real path: a folder, made if missing. As root, a target another user could write
  * to is refused (they could swap its folders mid-restore); a killed restore's folder is removed. */
 async function prepareTarget(target: string): Promise<string> {
-  if ((await Deno.stat(target).catch(() => null))?.isFile) {
-    throw new UserError(`${target} is a file`);
-  }
+  const info = await Deno.stat(target).catch(() => null);
+  if (info !== null && !info.isDirectory) throw new UserError(`${target} is not a folder`);
   await Deno.mkdir(target, { recursive: true });
   const [root, owner] = [Deno.realPathSync(target), Deno.uid()];
   const { uid, mode } = Deno.statSync(root);
@@ -653,11 +642,9 @@ async function prepareTarget(target: string): Promise<string> {
   }
   return root;
 }
-/** Restores into target in path order: folders (0700, so private, until the end), files (many at
- * once) and links, each made in a private folder inside the target and renamed into place; then
- * the folders' modes and times, deepest first. Nothing is written through a link found in the
- * target; a file already there with the entry's size, time, mode and chunks is left alone; an
- * entry whose folder failed is named, not attempted. */
+/** Restores in path order: folders (0700 until the end), then files and links made in a private
+ * folder and renamed into place, never through a link; then folders' modes and times, deepest
+ * first. A file already there, identical, is kept; what a failed folder holds is named. */
 async function restore(repo: Repo, [, target]: string[], options: Options, ui: Ui): Promise<void> {
   const started = Date.now();
   const snapshot = await findSnapshot(repo, ui, options.snapshot);
@@ -696,9 +683,8 @@ async function restore(repo: Repo, [, target]: string[], options: Options, ui: U
     const mode = (info?.mode ?? 0) & 0o7777;
     const same = info?.isFile && info.size === entry.size && info.mtime?.getTime() === entry.mtime;
     if (!same || mode !== (entry.mode & RESTORED_MODE_BITS)) return false;
-    const found = await readFileChunks(path, (chunk) => chunkId(repo.keys, chunk)).catch(() =>
-      null
-    );
+    const hash = (chunk: Bytes) => chunkId(repo.keys, chunk);
+    const found = await readFileChunks(path, hash).catch(() => null);
     return found?.chunks.join() === entry.chunks!.join();
   }
   async function restoreFile(entry: Entry, path: string, temporary: string): Promise<void> {
@@ -709,19 +695,17 @@ async function restore(repo: Repo, [, target]: string[], options: Options, ui: U
       return;
     }
     const file = await openFile(temporary, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, 0o600);
-    const write = async () => {
+    try {
       for await (const chunk of chunksOf(repo, entry as Content)) { // §4: each one verified
         for (let at = 0; at < chunk.length;) at += (await file.write(chunk, at)).bytesWritten;
         done.bytes += chunk.length;
         done.written += chunk.length;
         ui.status(progress);
       }
-    };
-    await write().catch(async (error) => {
+      await finish(file, entry); // mode and time through the handle, not the path
+    } finally {
       await file.close();
-      throw error;
-    });
-    await finish(file, entry); // mode and time through the handle, not the path
+    }
     await Deno.rename(temporary, path); // replaces a file or link there, never follows it
   }
   async function restoreLink(entry: Entry, path: string, temporary: string): Promise<void> {
@@ -739,20 +723,15 @@ async function restore(repo: Repo, [, target]: string[], options: Options, ui: U
   } finally {
     await Deno.remove(scratch, { recursive: true }); // before the target's own time is set
   }
+  const finishFolder = async (entry: Entry, path: string) => {
+    const folder = await openFile(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW);
+    await finish(folder, entry).finally(() => folder.close());
+  };
   for (const entry of entries.toReversed()) { // deepest first
-    const work = async (path: string) =>
-      await finish(await openFile(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW), entry);
+    const work = (path: string) => finishFolder(entry, path);
     if (entry.type === "dir" && !failed.has(entry.path)) await attempt(entry, work);
   }
   ui.info(`Restored snapshot ${snapshot.id}: ${progress()}`);
-}
-
-// ---- Snapshots ------------------------------------------------------------------------------
-
-async function snapshots(repo: Repo, _args: string[], _options: Options, ui: Ui): Promise<void> {
-  for (const { id, time, host, source, bytes } of await listSnapshots(repo, ui) as Untyped[]) {
-    ui.info(`${id}  ${time}  ${host}:${source}  ${mib(bytes)}`);
-  }
 }
 
 // ---- Command line -----------------------------------------------------------------------------
@@ -785,20 +764,23 @@ const OPTIONS = {
   help: { type: "boolean", short: "h" },
   version: { type: "boolean" },
 } as const;
-/** Each command: its arguments ("<repo>" is opened first), the options only it takes, whether it
- * holds a lock (§8), and what it does. */
+/** A command: its arguments (<repo> is opened for it), its own options, and its lock (§8). */
 type Command = { args: string[]; options: string[]; locked?: boolean } & {
   run: (repo: Repo, args: string[], options: Options, ui: Ui) => Promise<void>;
 };
+async function snapshots(repo: Repo, _args: string[], _options: Options, ui: Ui): Promise<void> {
+  for (const { id, time, host, source, bytes } of await listSnapshots(repo, ui) as Untyped[]) {
+    ui.info(`${id}  ${time}  ${host}:${source}  ${mib(bytes)}`);
+  }
+}
 const COMMANDS: Record<string, Command> = {
   init: { args: ["<repo>"], options: [], run: () => Promise.resolve() }, // openRepo makes it
   backup: { args: ["<source-dir>", "<repo>"], options: ["exclude"], locked: true, run: backup },
   restore: { args: ["<repo>", "<target-dir>"], options: ["snapshot"], run: restore },
   snapshots: { args: ["<repo>"], options: [], run: snapshots },
 };
-
-/** Output. Problems are counted: the command exits 1 (3 if one was damage) once it did the rest.
- * On a terminal, a status line on stderr, redrawn at most once a second. */
+/** Output. A problem is counted: exit 1 (3 for damage) once the rest is done. On a terminal, a
+ * status line on stderr, redrawn at most once a second. */
 function makeUi() {
   let drawnAt = 0; // 0: no status line is on the screen
   const print = (text: string, log = console.log) => {
@@ -823,29 +805,26 @@ function makeUi() {
   };
   return ui;
 }
-
 /** No control codes from a server or a file name reach the terminal. */
 const printable = (text: string) => text.replace(/\p{Cc}/gu, "?");
 
 /** The passphrase from --password-file, else $NFREEZER_PASSWORD, which is then removed from the
  * environment: ssh and its ProxyCommand never see it. Strict UTF-8: no two passphrases collide. */
 function getPassphrase(options: Options): string {
-  const file = options["password-file"];
-  const invalid = new UserError("The passphrase is not valid UTF-8");
+  const [file, strict] = [options["password-file"], new TextDecoder("utf-8", { fatal: true })];
+  let passphrase = "";
   try {
-    const text = file
-      ? new TextDecoder("utf-8", { fatal: true }).decode(Deno.readFileSync(file))
-      : "";
-    const passphrase = text.replace(/\r?\n$/, "") || (Deno.env.get("NFREEZER_PASSWORD") ?? "");
+    if (file) passphrase = strict.decode(Deno.readFileSync(file)).replace(/\r?\n$/, "");
+    else passphrase = Deno.env.get("NFREEZER_PASSWORD") ?? "";
     Deno.env.delete("NFREEZER_PASSWORD");
-    const hint = "give it with --password-file FILE or $NFREEZER_PASSWORD";
-    if (passphrase === "") throw new UserError("A passphrase is needed", 1, hint);
-    return passphrase;
   } catch (error) {
-    throw error instanceof TypeError || error instanceof Deno.errors.InvalidData ? invalid : error;
+    if (isFsError(error)) throw error; // the file cannot be read
+    throw new UserError("The passphrase is not valid UTF-8");
   }
+  const hint = "give it with --password-file FILE or $NFREEZER_PASSWORD";
+  if (passphrase === "") throw new UserError("A passphrase is needed", 1, hint);
+  return passphrase;
 }
-
 /** Splits a location into an ssh destination, port and path (no destination: a local path). */
 function parseLocation(location: string) {
   if (location.startsWith("sftp://")) {
@@ -861,7 +840,6 @@ function parseLocation(location: string) {
   if (scp) return { destination: scp[1], port: "", path: scp[2].replace(/^~\//, "") || "." };
   return { destination: "", port: "", path: resolve(location) };
 }
-
 /** Opens the repository at a location, or with `create` makes a new one there (init). */
 async function openRepo(location: string, options: Options, create = false): Promise<Repo> {
   const passphrase = getPassphrase(options); // first: ssh must not see $NFREEZER_PASSWORD
@@ -873,11 +851,11 @@ async function openRepo(location: string, options: Options, create = false): Pro
   const store = makeStore(connection, path);
   try {
     if (create) return await createRepo(store, location, passphrase);
-    const names = (await store.list("")).map((item) => item.name);
+    const names = await store.list("");
     const hint = `create one with: ${SELF} init ${location}`;
     if (!names.includes("config")) throw new UserError(`No repository at ${location}`, 1, hint);
     for (const folder of FOLDERS) {
-      if (!await store.isFolder(folder)) throw damaged(`${path}/${folder}`);
+      if (!(await store.lstat(folder))?.isDirectory()) throw damaged(`${path}/${folder}`);
     }
     return { store, keys: await unlockConfig(await store.read("config"), passphrase) };
   } catch (error) {
@@ -885,13 +863,11 @@ async function openRepo(location: string, options: Options, create = false): Pro
     throw error;
   }
 }
-
-/** §1, §2: a repository in an empty or missing folder (made as mkdir -p does). The config comes
- * last, created exclusively and read back: of two runs at once one config wins, the other run
- * stops, and no run writes under a key that is not the repository's. */
+/** §1, §2: a repository in an empty or missing folder (mkdir -p). The config, last, is created
+ * exclusively and read back: of two runs at once one wins, and the other stops. */
 async function createRepo(store: Store, location: string, passphrase: string): Promise<Repo> {
-  const names = (await store.list("").catch(() => null))?.map((item) => item.name);
-  if (names === undefined) throw new UserError(`${location} is not a folder`);
+  const names = await store.list("").catch(() => null);
+  if (names === null) throw new UserError(`${location} is not a folder`);
   if (names.includes("config")) throw new UserError(`${location} is a repository already`);
   const foreign = names.some((name) => !FOLDERS.includes(name));
   if (foreign) throw new UserError(`${location} is not empty, and not a repository`);
@@ -905,7 +881,6 @@ async function createRepo(store: Store, location: string, passphrase: string): P
   if (Buffer.compare(await store.read("config"), config) !== 0) throw damaged("The new config");
   return { store, keys: await importKeys(master) };
 }
-
 async function runCli(argv: string[]): Promise<void> {
   process.umask(0o077); // safe default: what this process creates is private to the user
   const parsed = parseArgs({ args: argv, options: OPTIONS, allowPositionals: true });
@@ -930,7 +905,6 @@ async function runCli(argv: string[]): Promise<void> {
   const problems = `${ui.problems} problem${ui.problems === 1 ? "" : "s"} (see the warnings above)`;
   if (ui.problems > 0) throw new UserError(problems, ui.exitCode);
 }
-
 /** Runs the command line and returns the exit code; errors that are not ours keep their stack. */
 export async function main(argv: string[]): Promise<number> {
   try {
