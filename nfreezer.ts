@@ -5,10 +5,9 @@
  * Untrusted: the storage server, anyone who can write to the repository, the network, and what a
  *   restore target already holds.
  * Guaranteed: keys, names, paths, contents, modes and times never leave in clear. A changed,
- *   truncated, swapped, renamed or replayed object fails authentication before a byte of it
- *   reaches a final path: restore reproduces the snapshot or exits 3 naming what it could not
- *   verify. Nothing lands outside the target, or through a link found in it or in a local
- *   repository. Memory stays bounded whatever the stored objects hold.
+ *   truncated, swapped, renamed or replayed object fails authentication before a byte of it is
+ *   written: restore reproduces the snapshot or exits 3 naming what it could not verify. Nothing
+ *   lands outside the target or through a link. Memory stays bounded whatever objects hold.
  * Not hidden: the total size, number and Padmé-padded sizes of objects, when backups run and how
  *   much changed. The server can delete the repository or withhold the newest snapshots. Another
  *   local user who can write above a restore target can redirect that restore (README).
@@ -66,7 +65,6 @@ function parseJson(bytes: Uint8Array, what: string, gzipped = false) {
 }
 
 // ---- Crypto (§2–§4): the only code that touches crypto.subtle ---------------------------------
-
 type Bytes = Uint8Array<ArrayBuffer>;
 type Keys = { encKey: CryptoKey; idKey: CryptoKey };
 const subtle = crypto.subtle;
@@ -94,8 +92,7 @@ async function wrapMaster(passphrase: string, master: Bytes, salt: Bytes, nonce:
   const kek = await deriveKek(passphrase, SCRYPT, salt);
   const wrapped = new Uint8Array(await subtle.encrypt(gcm(nonce, CONFIG_AAD), kek, master));
   const kdf = { ...SCRYPT, salt: base64(salt) };
-  const config = { format: FORMAT, kdf, nonce: base64(nonce), keys: base64(wrapped) };
-  return JSON.stringify(config, null, 2);
+  return JSON.stringify({ format: FORMAT, kdf, nonce: base64(nonce), keys: base64(wrapped) });
 }
 /** §2: unwraps the master key; a wrong passphrase is told apart from a malformed config. */
 async function unlockConfig(bytes: Uint8Array, passphrase: string): Promise<Keys> {
@@ -106,9 +103,8 @@ async function unlockConfig(bytes: Uint8Array, passphrase: string): Promise<Keys
   if (sizes !== [SALT_BYTES, NONCE_BYTES, 2 * KEY_BYTES].join()) throw damaged("The config");
   const kek = await deriveKek(passphrase, config.kdf, salt);
   const master = await subtle.decrypt(gcm(nonce, CONFIG_AAD), kek, wrapped).catch(() => null);
-  if (master === null) {
-    throw new UserError("Wrong passphrase", 1, "if it is right, the repository config was altered");
-  }
+  const hint = "if it is right, the repository config was altered";
+  if (master === null) throw new UserError("Wrong passphrase", 1, hint);
   return importKeys(new Uint8Array(master));
 }
 /** §2: encKey = master[0:32] (HKDF input only), idKey = master[32:64] (HMAC only). */
@@ -163,7 +159,6 @@ async function chunkId(keys: Keys, chunk: Bytes): Promise<string> {
 }
 
 // ---- Repository objects (§4–§8): everything read is checked before it is used ----------------
-
 type Repo = { store: Store; keys: Keys };
 type Content = { size: number; chunks: string[] }; // §4: a file's or a manifest's chunks
 type Meta = { path: string; type: "file" | "dir" | "symlink"; mode: number; mtime: number };
@@ -230,7 +225,7 @@ async function loadManifest(repo: Repo, snapshot: Snapshot): Promise<Entry[]> {
 }
 /** §6: the snapshots that open, oldest first; one that does not is named (exit 3) and skipped. */
 async function listSnapshots(repo: Repo, ui: Ui): Promise<Snapshot[]> {
-  const ids = await repo.store.list("snapshots");
+  const ids = (await repo.store.list("snapshots")).filter((id) => isHex(id, 16));
   const snapshots: Snapshot[] = [];
   const open = async (id: string) => {
     try {
@@ -244,18 +239,8 @@ async function listSnapshots(repo: Repo, ui: Ui): Promise<Snapshot[]> {
       ui.problem(`skipped snapshot ${id}: ${(error as Error).message}`, 3);
     }
   };
-  const named = ids.filter((id) => isHex(id, 16)); // read 32 at once
-  for (let at = 0; at < named.length; at += 32) {
-    await Promise.all(named.slice(at, at + 32).map(open));
-  }
+  for (let at = 0; at < ids.length; at += 32) await Promise.all(ids.slice(at, at + 32).map(open));
   return snapshots.sort((a, b) => a.time.localeCompare(b.time));
-}
-/** §6: the snapshot named by a unique id prefix, else the newest. */
-async function findSnapshot(repo: Repo, ui: Ui, prefix = ""): Promise<Snapshot> {
-  const matches = (await listSnapshots(repo, ui)).filter((item) => item.id.startsWith(prefix));
-  if (prefix && matches.length > 1) throw new UserError(`${matches.length} ids start ${prefix}`);
-  if (matches.length > 0) return matches[matches.length - 1];
-  throw new UserError(prefix ? `No snapshot ${prefix}` : "No snapshots", ui.exitCode);
 }
 /** §8: runs a backup holding a lock. A lock of this host whose process is gone is stale and
  * removed; any other lock counts, even one that does not open. With no other lock left no other
@@ -268,7 +253,8 @@ async function withLock<T>(repo: Repo, work: () => Promise<T>): Promise<T> {
     for (const id of await repo.store.list("locks")) {
       if (!isHex(id, 16) || id === own) continue;
       const lock = await getJson(repo, `locks/${id}`).catch(() => null); // gone, or not ours
-      if (lock?.host === hostname() && isGone(lock.pid)) await repo.store.remove(`locks/${id}`);
+      const stale = lock?.host === hostname() && !isAlive(lock.pid);
+      if (stale) await repo.store.remove(`locks/${id}`);
       else others++;
     }
     const leftovers = others === 0 ? await repo.store.list("tmp") : []; // §7: of killed runs
@@ -278,16 +264,15 @@ async function withLock<T>(repo: Repo, work: () => Promise<T>): Promise<T> {
     await repo.store.remove(`locks/${own}`).catch(() => {});
   }
 }
-function isGone(pid: unknown): boolean {
+function isAlive(pid: unknown): boolean {
   try {
-    return !process.kill(Number(pid), 0);
+    return process.kill(Number(pid), 0);
   } catch (error) {
-    return (error as Untyped).code === "ESRCH"; // EPERM: alive, another user's
+    return (error as Untyped).code !== "ESRCH"; // EPERM: alive, another user's
   }
 }
 
 // ---- Storage (§1, §7): one Store over an SFTP server or a local folder ------------------------
-
 // deno-lint-ignore no-explicit-any
 type Untyped = any; // what ssh2 (it ships no types) hands back, and errors of any kind
 type Done<T = void> = (error: Untyped, result: T) => void;
@@ -415,6 +400,7 @@ function makeStore(connection: Connection, root: string) {
   };
 }
 /** A local folder: node:fs, whose opens follow no link and wait on no FIFO (§1). */
+const LOCAL_OFFERS = { local: true, posixRename: true, fsync: true, isLost: () => false, end() {} };
 const LOCAL_FILES: Files = {
   ...fs,
   open: (path, flags, _attrs, done) => {
@@ -470,7 +456,6 @@ async function connectSsh(destination: string, port: string, options: Options) {
 }
 
 // ---- Backup -----------------------------------------------------------------------------------
-
 type Ui = ReturnType<typeof makeUi>;
 type FileState = { size: number; mtime: number; chunks: string[] };
 type UseChunk = (chunk: Bytes) => Promise<string>;
@@ -515,11 +500,8 @@ async function readFileChunks(path: string, use: UseChunk): Promise<FileState | 
     const chunks: string[] = [];
     for (let offset = 0; offset < before.size; offset += CHUNK_BYTES) {
       const chunk = new Uint8Array(Math.min(CHUNK_BYTES, before.size - offset));
-      for (let filled = 0; filled < chunk.length;) {
-        const read = await file.read(chunk, filled, chunk.length - filled, offset + filled);
-        if (read.bytesRead === 0) break; // it shrank: the stat below sees that
-        filled += read.bytesRead;
-      }
+      const { bytesRead } = await file.read(chunk, 0, chunk.length, offset);
+      if (bytesRead < chunk.length) return null; // it shrank while being read
       chunks.push(await use(chunk));
     }
     const [after, mtime] = [await file.stat(), before.mtime.getTime()];
@@ -566,7 +548,9 @@ async function backup(repo: Repo, [source]: string[], options: Options, ui: Ui):
     `${done.new} new, ${done.changed} changed, ${done.same} unchanged of ${files.length} files` +
     `; ${mib(done.bytes)} of ${mib(total)}; ${mib(done.read)} read, ${mib(done.sent)} sent in ` +
     `${done.chunks} new chunks; ${since(started)}`;
-  const putChunk = async (chunk: Bytes) => {
+  const putChunk = async (chunk: Bytes, ofFile = true) => {
+    if (ofFile) done.bytes += chunk.length; // the manifest's chunks are not in the total
+    ui.status(progress);
     const id = await chunkId(repo.keys, chunk);
     if (known.has(id)) return id;
     known.add(id);
@@ -575,11 +559,6 @@ async function backup(repo: Repo, [source]: string[], options: Options, ui: Ui):
     done.sent += chunk.length;
     done.chunks++;
     return id;
-  };
-  const readChunk = (chunk: Bytes) => {
-    done.bytes += chunk.length;
-    ui.status(progress);
-    return putChunk(chunk);
   };
   const kept: Entry[] = [];
   for (const entry of entries) {
@@ -590,7 +569,7 @@ async function backup(repo: Repo, [source]: string[], options: Options, ui: Ui):
       done.same++;
       done.bytes += entry.size!;
     } else {
-      const stored = await storeFile(root, entry.path, readChunk, ui);
+      const stored = await storeFile(root, entry.path, putChunk, ui);
       if (stored === null) continue;
       kept.push({ ...entry, ...stored });
       done.read += stored.size;
@@ -605,7 +584,7 @@ async function backup(repo: Repo, [source]: string[], options: Options, ui: Ui):
   }
   const manifest = { size: packed.length, chunks: [] as string[] };
   for (let offset = 0; offset < packed.length; offset += CHUNK_BYTES) {
-    manifest.chunks.push(await putChunk(packed.slice(offset, offset + CHUNK_BYTES)));
+    manifest.chunks.push(await putChunk(packed.slice(offset, offset + CHUNK_BYTES), false));
   }
   repo.store.syncFolder("data"); // §6: every chunk is stored before a snapshot can refer to it
   const id = hex(random(8));
@@ -616,7 +595,6 @@ async function backup(repo: Repo, [source]: string[], options: Options, ui: Ui):
 }
 
 // ---- Restore ----------------------------------------------------------------------------------
-
 /** node:fs takes seconds: half a millisecond more keeps float rounding from losing one. */
 const fsTime = (entry: Entry) => (entry.mtime + 0.5) / 1000;
 
@@ -625,31 +603,32 @@ async function finish(file: FileHandle, entry: Entry): Promise<void> {
   await file.chmod(entry.mode & RESTORED_MODE_BITS);
   await file.utimes(fsTime(entry), fsTime(entry));
 }
-/** The target's real path: a folder, made if missing. As root, a target another user could write
- * to is refused (they could swap its folders mid-restore); a killed restore's folder is removed. */
-async function prepareTarget(target: string): Promise<string> {
-  const info = await Deno.stat(target).catch(() => null);
-  if (info !== null && !info.isDirectory) throw new UserError(`${target} is not a folder`);
+/** Restores the newest snapshot, or the one a unique id prefix names, into target (made if
+ * missing), in path order: folders (0700 until the end), then files and links made in a private
+ * folder and renamed into place, never through a link; then folders' modes and times, deepest
+ * first. A file already there, identical, is kept; what a failed folder holds is named. As root,
+ * a target another user could write to is refused: they could swap its folders mid-restore. */
+async function restore(repo: Repo, [, target]: string[], options: Options, ui: Ui): Promise<void> {
+  const [started, prefix] = [Date.now(), options.snapshot ?? ""];
+  const matches = (await listSnapshots(repo, ui)).filter((item) => item.id.startsWith(prefix));
+  if (prefix && matches.length > 1) throw new UserError(`${matches.length} ids start ${prefix}`);
+  const snapshot = matches.at(-1); // §6: the newest
+  if (!snapshot) {
+    throw new UserError(prefix ? `No snapshot ${prefix}` : "No snapshots", ui.exitCode);
+  }
+  const entries = await loadManifest(repo, snapshot);
+  const found = await Deno.stat(target).catch(() => null);
+  if (found !== null && !found.isDirectory) throw new UserError(`${target} is not a folder`);
   await Deno.mkdir(target, { recursive: true });
   const [root, owner] = [Deno.realPathSync(target), Deno.uid()];
   const { uid, mode } = Deno.statSync(root);
   const othersCanWrite = uid !== owner || ((mode! & 0o022) !== 0 && (mode! & 0o1000) === 0);
   const hint = "restore into a folder only root can write to, then move what you need";
   if (owner === 0 && othersCanWrite) throw new UserError(`Others can write to ${target}`, 1, hint);
-  for (const item of Deno.readDirSync(root)) {
+  for (const item of Deno.readDirSync(root)) { // a killed restore's private folder
     const ours = item.isDirectory && item.name.startsWith(SCRATCH_PREFIX);
     if (ours) await Deno.remove(join(root, item.name), { recursive: true });
   }
-  return root;
-}
-/** Restores in path order: folders (0700 until the end), then files and links made in a private
- * folder and renamed into place, never through a link; then folders' modes and times, deepest
- * first. A file already there, identical, is kept; what a failed folder holds is named. */
-async function restore(repo: Repo, [, target]: string[], options: Options, ui: Ui): Promise<void> {
-  const started = Date.now();
-  const snapshot = await findSnapshot(repo, ui, options.snapshot);
-  const entries = await loadManifest(repo, snapshot);
-  const root = await prepareTarget(resolve(target));
   const scratch = await Deno.makeTempDir({ dir: root, prefix: SCRATCH_PREFIX }); // mode 0700
   const total = entries.reduce((sum, entry) => sum + (entry.size ?? 0), 0);
   const done = { files: 0, same: 0, bytes: 0, written: 0 };
@@ -723,35 +702,32 @@ async function restore(repo: Repo, [, target]: string[], options: Options, ui: U
   } finally {
     await Deno.remove(scratch, { recursive: true }); // before the target's own time is set
   }
-  const finishFolder = async (entry: Entry, path: string) => {
-    const folder = await openFile(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW);
-    await finish(folder, entry).finally(() => folder.close());
-  };
   for (const entry of entries.toReversed()) { // deepest first
-    const work = (path: string) => finishFolder(entry, path);
-    if (entry.type === "dir" && !failed.has(entry.path)) await attempt(entry, work);
+    if (entry.type !== "dir" || failed.has(entry.path)) continue;
+    await attempt(entry, async (path) => {
+      const folder = await openFile(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW);
+      await finish(folder, entry).finally(() => folder.close());
+    });
   }
   ui.info(`Restored snapshot ${snapshot.id}: ${progress()}`);
 }
 
 // ---- Command line -----------------------------------------------------------------------------
-
 const BINARY = Deno.execPath().split("/").pop();
 const SELF = BINARY === "deno" ? "deno run -A nfreezer.ts" : BINARY; // as the user runs it
 const HELP = `see ${SELF} --help`;
 const USAGE = `Usage: ${SELF} <command> ...     (nfreezer ${VERSION}: encrypted backups)
   init      <repo>                create a repository (backup needs one)
   backup    <source-dir> <repo>   add a snapshot         [--exclude GLOB]...
-  restore   <repo> <target-dir>   restore a snapshot     [--snapshot ID]
+  restore   <repo> <target-dir>   restore the newest snapshot, or [--snapshot ID-PREFIX]
   snapshots <repo>                list the snapshots
 <repo>: /local/path, ./relative/path, user@host:path or sftp://user@host[:port]/path.
-ID: a unique prefix of a snapshot id; the default is the newest snapshot.
 Options:
   --password-file FILE  read the passphrase from FILE (else $NFREEZER_PASSWORD)
   -i, --identity FILE   SSH key for ssh ($NFREEZER_SSH, default ssh, with its ~/.ssh/config)
   --known-hosts FILE    SSH known hosts file (ssh's UserKnownHostsFile)
   --accept-new-host     trust and remember the key of a host not yet in known_hosts
-  -h, --help            this help               --version  the version
+  -h, --help            this help
 Exit codes: 0 ok, 1 error, 2 usage error, 3 integrity error (tampered or missing data)`;
 type Options = Record<string, Untyped>;
 const OPTIONS = {
@@ -762,7 +738,6 @@ const OPTIONS = {
   "known-hosts": { type: "string" },
   "accept-new-host": { type: "boolean" },
   help: { type: "boolean", short: "h" },
-  version: { type: "boolean" },
 } as const;
 /** A command: its arguments (<repo> is opened for it), its own options, and its lock (§8). */
 type Command = { args: string[]; options: string[]; locked?: boolean } & {
@@ -844,10 +819,8 @@ function parseLocation(location: string) {
 async function openRepo(location: string, options: Options, create = false): Promise<Repo> {
   const passphrase = getPassphrase(options); // first: ssh must not see $NFREEZER_PASSWORD
   const { destination, port, path } = parseLocation(location);
-  const local = { files: LOCAL_FILES, name: path, local: true, posixRename: true, fsync: true };
-  const connection = destination
-    ? await connectSsh(destination, port, options)
-    : { ...local, isLost: () => false, end() {} };
+  const local = { files: LOCAL_FILES, name: path, ...LOCAL_OFFERS };
+  const connection = destination ? await connectSsh(destination, port, options) : local;
   const store = makeStore(connection, path);
   try {
     if (create) return await createRepo(store, location, passphrase);
@@ -885,7 +858,6 @@ async function runCli(argv: string[]): Promise<void> {
   process.umask(0o077); // safe default: what this process creates is private to the user
   const parsed = parseArgs({ args: argv, options: OPTIONS, allowPositionals: true });
   const [options, [name, ...args]] = [parsed.values as Options, parsed.positionals];
-  if (options.version) return console.log(`nfreezer ${VERSION}, repository format ${FORMAT}`);
   if (options.help || name === undefined) return console.log(USAGE);
   if (!Object.hasOwn(COMMANDS, name)) throw new UserError(`Unknown command ${name}`, 2, HELP);
   const command = COMMANDS[name];
