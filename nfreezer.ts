@@ -42,6 +42,7 @@ const CHUNK_BYTES = 4 * 2 ** 20; // §4: the unit of dedup, of resume and of mem
 const MANIFEST_MAX_BYTES = 256 * 2 ** 20; // §5: its JSON and its gzip, when written and read
 const SMALL_OBJECT_BYTES = 64 * 1024; // §2, §6, §8: a few hundred bytes; larger is refused unread
 const RESTORED_MODE_BITS = 0o1777; // never setuid or setgid: owners are not restored
+const PRIVATE = { mode: 0o600 }; // §7: what nfreezer creates is its user's alone
 const SCRATCH_PREFIX = ".nfreezer-restore-"; // restore's private 0700 folder inside the target
 const CONNECT_TIMEOUT_SECONDS = 20; // for ssh: an unreachable host fails instead of hanging
 const STATUS_EVERY_MS = 1000; // the progress line is redrawn at most this often
@@ -277,6 +278,7 @@ function isAlive(pid: unknown): boolean {
 type Untyped = any; // what ssh2 (it ships no types) hands back, and errors of any kind
 type Done<T = void> = (error: Untyped, result: T) => void;
 type Info = { isDirectory(): boolean };
+type Item = { filename: string };
 /** The callback calls a Store makes, as ssh2's SFTP client names them; LOCAL_FILES: node:fs's. */
 type Files = {
   open(path: string, flags: "r" | "wx", attrs: { mode?: number }, done: Done<Untyped>): void;
@@ -284,7 +286,7 @@ type Files = {
   write(handle: Untyped, data: Buffer, at: 0, length: number, from: 0, done: Done<number>): void;
   close(handle: Untyped, done: Done): void;
   lstat(path: string, done: Done<Info>): void;
-  readdir(path: string, done: Done<{ filename: string }[]>): void;
+  readdir(path: string, done: Done<Item[]>): void;
   mkdir(path: string, attrs: { mode: number }, done: Done): void;
   unlink(path: string, done: Done): void;
   rename(from: string, to: string, done: Done): void; // SFTP v3: fails if `to` exists
@@ -325,12 +327,12 @@ function makeStore(connection: Connection, root: string) {
   /** Creates name exclusively (mode 0600), writes and syncs it. */
   async function create(name: string, object: Uint8Array): Promise<void> {
     const data = asBuffer(object);
-    const handle = await call("create", name, (done) => files.open(path(name), "wx", {}, done));
+    const file = await call("create", name, (done) => files.open(path(name), "wx", PRIVATE, done));
     try {
-      await call("write", name, (done) => files.write(handle, data, 0, data.length, 0, done));
-      if (fsync) await call("sync", name, (done) => files.ext_openssh_fsync(handle, done));
+      await call("write", name, (done) => files.write(file, data, 0, data.length, 0, done));
+      if (fsync) await call("sync", name, (done) => files.ext_openssh_fsync(file, done));
     } finally {
-      await call("close", name, (done) => files.close(handle, done));
+      await call("close", name, (done) => files.close(file, done));
     }
   }
   /** The first `length` bytes of name (fewer if it is shorter). */
@@ -374,11 +376,7 @@ function makeStore(connection: Connection, root: string) {
     /** The names in a folder; none if there is no such folder. */
     async list(folder: string): Promise<string[]> {
       if ((await lstat(folder)) === null) return [];
-      const items = await call<{ filename: string }[]>(
-        "list",
-        folder,
-        (done) => files.readdir(path(folder), done),
-      );
+      const items = await call<Item[]>("list", folder, (done) => files.readdir(path(folder), done));
       return items.map((item) => item.filename);
     },
     /** mkdir -p of the root (mode 0700), then §1's folders in it. */
