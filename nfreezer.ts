@@ -628,11 +628,12 @@ async function restore(repo: Repo, [, target]: string[], options: Options, ui: U
     if (ours) await Deno.remove(join(root, item.name), { recursive: true });
   }
   const scratch = await Deno.makeTempDir({ dir: root, prefix: SCRATCH_PREFIX }); // mode 0700
-  const total = entries.reduce((sum, entry) => sum + (entry.size ?? 0), 0);
+  const files = entries.filter((entry) => entry.type === "file");
+  const total = files.reduce((sum, entry) => sum + entry.size!, 0);
   const done = { files: 0, same: 0, bytes: 0, written: 0 };
   const progress = () =>
-    `${done.files - done.same} files written, ${done.same} already there; ` +
-    `${mib(done.bytes)} of ${mib(total)}, ${mib(done.written)} written; ${since(started)}`;
+    `${done.files} of ${files.length} files (${done.same} already there); ${mib(done.bytes)} of ` +
+    `${mib(total)}, ${mib(done.written)} written; ${since(started)}`;
   const failed = new Set<string>();
   async function attempt(entry: Entry, work: (path: string) => Promise<unknown>): Promise<void> {
     if (entry.path !== "" && failed.has(parentOf(entry.path))) {
@@ -665,9 +666,9 @@ async function restore(repo: Repo, [, target]: string[], options: Options, ui: U
     return found?.chunks.join() === entry.chunks!.join();
   }
   async function restoreFile(entry: Entry, path: string, temporary: string): Promise<void> {
-    done.files++;
     if (await isRestored(entry, path)) {
       done.same++;
+      done.files++;
       done.bytes += entry.size!;
       return;
     }
@@ -684,6 +685,7 @@ async function restore(repo: Repo, [, target]: string[], options: Options, ui: U
       await file.close();
     }
     await Deno.rename(temporary, path); // replaces a file or link there, never follows it
+    done.files++;
   }
   async function restoreLink(entry: Entry, path: string, temporary: string): Promise<void> {
     await Deno.symlink(entry.target!, temporary);
