@@ -329,7 +329,10 @@ function makeStore(connection: Connection, root: string) {
     const data = asBuffer(object);
     const file = await call("create", name, (done) => files.open(path(name), "wx", PRIVATE, done));
     try {
-      await call("write", name, (done) => files.write(file, data, 0, data.length, 0, done));
+      const written = await call<number>("write", name, (done) => {
+        files.write(file, data, 0, data.length, 0, done);
+      });
+      if (written !== data.length) throw new UserError(`Only ${written} bytes of ${name} stored`);
       if (fsync) await call("sync", name, (done) => files.ext_openssh_fsync(file, done));
     } finally {
       await call("close", name, (done) => files.close(file, done));
@@ -348,6 +351,7 @@ function makeStore(connection: Connection, root: string) {
     root,
     local: connection.local,
     close: connection.end,
+    isLost: connection.isLost,
     create,
     lstat,
     exists: async (name: string) => (await lstat(name)) !== null,
@@ -566,6 +570,7 @@ async function backup(repo: Repo, [source]: string[], options: Options, ui: Ui):
       kept.push({ ...entry, chunks: old.chunks });
       done.same++;
       done.bytes += entry.size!;
+      ui.status(progress);
     } else {
       const stored = await storeFile(root, entry.path, putChunk, ui);
       if (stored === null) continue;
@@ -601,19 +606,17 @@ async function finish(file: FileHandle, entry: Entry): Promise<void> {
   await file.chmod(entry.mode & RESTORED_MODE_BITS);
   await file.utimes(fsTime(entry), fsTime(entry));
 }
-/** Restores the newest snapshot, or the one a unique id prefix names, into target (made if
- * missing), in path order: folders (0700 until the end), then files and links made in a private
- * folder and renamed into place, never through a link; then folders' modes and times, deepest
- * first. A file already there, identical, is kept; what a failed folder holds is named. As root,
- * a target another user could write to is refused: they could swap its folders mid-restore. */
+/** Restores the newest snapshot (or --snapshot's) in path order: folders (0700 until the end),
+ * files and links made in a private folder and renamed into place, never through a link; then
+ * folders' modes and times, deepest first. Identical files are kept; a failed folder's contents
+ * are named. As root, a target others can write to is refused: they could swap its folders. */
 async function restore(repo: Repo, [, target]: string[], options: Options, ui: Ui): Promise<void> {
   const [started, prefix] = [Date.now(), options.snapshot ?? ""];
   const matches = (await listSnapshots(repo, ui)).filter((item) => item.id.startsWith(prefix));
   if (prefix && matches.length > 1) throw new UserError(`${matches.length} ids start ${prefix}`);
   const snapshot = matches.at(-1); // §6: the newest
-  if (!snapshot) {
-    throw new UserError(prefix ? `No snapshot ${prefix}` : "No snapshots", ui.exitCode);
-  }
+  const none = prefix ? `No snapshot ${prefix}` : "No snapshots";
+  if (!snapshot) throw new UserError(none, ui.exitCode);
   const entries = await loadManifest(repo, snapshot);
   const found = await Deno.stat(target).catch(() => null);
   if (found !== null && !found.isDirectory) throw new UserError(`${target} is not a folder`);
@@ -643,7 +646,7 @@ async function restore(repo: Repo, [, target]: string[], options: Options, ui: U
     try {
       await work(join(root, entry.path));
     } catch (error) {
-      if (!(error instanceof UserError || isFsError(error))) throw error;
+      if (!(error instanceof UserError || isFsError(error)) || repo.store.isLost()) throw error;
       failed.add(entry.path);
       const exitCode = error instanceof UserError ? error.exitCode : 1;
       ui.problem(`cannot restore ${entry.path || "."}: ${error.message}`, exitCode);
@@ -670,7 +673,7 @@ async function restore(repo: Repo, [, target]: string[], options: Options, ui: U
       done.same++;
       done.files++;
       done.bytes += entry.size!;
-      return;
+      return ui.status(progress);
     }
     const file = await openFile(temporary, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, 0o600);
     try {
@@ -740,12 +743,11 @@ const OPTIONS = {
   help: { type: "boolean", short: "h" },
 } as const;
 /** A command: its arguments (<repo> is opened for it), its own options, and its lock (§8). */
-type Command = { args: string[]; options: string[]; locked?: boolean } & {
-  run: (repo: Repo, args: string[], options: Options, ui: Ui) => Promise<void>;
-};
+type Command = { args: string[]; options: string[]; locked?: boolean; run: Run };
+type Run = (repo: Repo, args: string[], options: Options, ui: Ui) => Promise<void>;
 async function snapshots(repo: Repo, _args: string[], _options: Options, ui: Ui): Promise<void> {
   for (const { id, time, host, source, bytes } of await listSnapshots(repo, ui) as Untyped[]) {
-    ui.info(`${id}  ${time}  ${host}:${source}  ${mib(bytes)}`);
+    ui.info(printable(`${id}  ${time}  ${host}:${source}  ${mib(bytes)}`));
   }
 }
 const COMMANDS: Record<string, Command> = {
@@ -817,8 +819,8 @@ function parseLocation(location: string) {
 }
 /** Opens the repository at a location, or with `create` makes a new one there (init). */
 async function openRepo(location: string, options: Options, create = false): Promise<Repo> {
-  const passphrase = getPassphrase(options); // first: ssh must not see $NFREEZER_PASSWORD
   const { destination, port, path } = parseLocation(location);
+  const passphrase = getPassphrase(options); // before ssh starts: it must not see the variable
   const local = { files: LOCAL_FILES, name: path, ...LOCAL_OFFERS };
   const connection = destination ? await connectSsh(destination, port, options) : local;
   const store = makeStore(connection, path);
@@ -842,8 +844,7 @@ async function createRepo(store: Store, location: string, passphrase: string): P
   const names = await store.list("").catch(() => null);
   if (names === null) throw new UserError(`${location} is not a folder`);
   if (names.includes("config")) throw new UserError(`${location} is a repository already`);
-  const foreign = names.some((name) => !FOLDERS.includes(name));
-  if (foreign) throw new UserError(`${location} is not empty, and not a repository`);
+  if (names.length > 0) throw new UserError(`${location} is not empty, and not a repository`);
   const [master, salt, nonce] = [random(2 * KEY_BYTES), random(SALT_BYTES), random(NONCE_BYTES)];
   const config = utf8(await wrapMaster(passphrase, master, salt, nonce));
   await store.makeFolders();
