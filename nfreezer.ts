@@ -8,9 +8,8 @@
  *   truncated, swapped, renamed or replayed object fails authentication before a byte of it is
  *   written: restore reproduces the snapshot or exits 3 naming what it could not verify. Nothing
  *   lands outside the target or through a link. Memory stays bounded whatever objects hold.
- * Not hidden: the total size, number and Padmé-padded sizes of objects, when backups run and how
- *   much changed. The server can delete the repository or withhold the newest snapshots. Another
- *   local user who can write above a restore target can redirect that restore (README).
+ * Not hidden: the size, number and Padmé-padded sizes of objects, when backups run, how much
+ *   changed. The server can delete it all or withhold new snapshots. More in the README.
  * FORMAT 2: §1 layout, §2 config, §3 objects, §4 chunks, §5 manifest, §6 snapshots, §7 writes,
  * §8 locks, cited in the code; the README's Format section has each in full.
  */
@@ -175,7 +174,7 @@ const getJson = async (repo: Repo, name: string) =>
 
 /** §4: a size, and as many 64-hex chunk ids as that size needs. */
 function isContent(value: unknown): value is Content {
-  const { size, chunks } = (typeof value === "object" && value) as Content;
+  const { size, chunks } = (value ?? {}) as Content; // a forger's null, number or string too
   if (!Number.isSafeInteger(size) || size < 0 || !Array.isArray(chunks)) return false;
   return chunks.length === Math.ceil(size / CHUNK_BYTES) && chunks.every((id) => isHex(id, 64));
 }
@@ -191,7 +190,7 @@ async function* chunksOf(repo: Repo, content: Content): AsyncGenerator<Bytes> {
 }
 /** §5: one entry's fields, each of the right type whatever JSON a forger wrote. */
 function isEntry(entry: Entry): boolean {
-  const { path, mode, mtime, type, target } = (typeof entry === "object" && entry) as Entry;
+  const { path, mode, mtime, type, target } = (entry ?? {}) as Entry;
   if (typeof path !== "string" || !path.isWellFormed() || path.includes("\0")) return false;
   const parts = path.split("/");
   if (path !== "" && parts.some((part) => ["", ".", ".."].includes(part))) return false;
@@ -216,8 +215,8 @@ async function loadManifest(repo: Repo, snapshot: Snapshot): Promise<Entry[]> {
   if (!rooted) throw damaged(what);
   const types = new Map<string, string>();
   for (const entry of entries) {
-    const placed = entry?.path === "" || types.get(parentOf(entry?.path)) === "dir";
-    if (!isEntry(entry) || types.has(entry.path) || !placed) {
+    const placed = isEntry(entry) && (!entry.path || types.get(parentOf(entry.path)) === "dir");
+    if (!placed || types.has(entry.path)) {
       throw damaged(`${what}, ${entry?.path}`);
     }
     types.set(entry.path, entry.type);
@@ -498,7 +497,8 @@ async function readFileChunks(path: string, use: UseChunk): Promise<FileState | 
   const file = await openFile(path, O_RDONLY | O_NOFOLLOW | O_NONBLOCK);
   try {
     const before = await file.stat();
-    if (!before.isFile()) return null;
+    const moved = Deno.build.os === "linux" && fs.readlinkSync(`/proc/self/fd/${file.fd}`) !== path;
+    if (!before.isFile() || moved) return null; // swapped since the scan, or a folder on its path
     const chunks: string[] = [];
     for (let offset = 0; offset < before.size; offset += CHUNK_BYTES) {
       const chunk = new Uint8Array(Math.min(CHUNK_BYTES, before.size - offset));
@@ -570,7 +570,6 @@ async function backup(repo: Repo, [source]: string[], options: Options, ui: Ui):
       kept.push({ ...entry, chunks: old.chunks });
       done.same++;
       done.bytes += entry.size!;
-      ui.status(progress);
     } else {
       const stored = await storeFile(root, entry.path, putChunk, ui);
       if (stored === null) continue;
@@ -623,11 +622,11 @@ async function restore(repo: Repo, [, target]: string[], options: Options, ui: U
   await Deno.mkdir(target, { recursive: true });
   const [root, owner] = [Deno.realPathSync(target), Deno.uid()];
   const { uid, mode } = Deno.statSync(root);
-  const othersCanWrite = uid !== owner || ((mode! & 0o022) !== 0 && (mode! & 0o1000) === 0);
+  const othersCanWrite = uid !== owner || (mode! & 0o022) !== 0; // even if sticky: they add
   const hint = "restore into a folder only root can write to, then move what you need";
   if (owner === 0 && othersCanWrite) throw new UserError(`Others can write to ${target}`, 1, hint);
   for (const item of Deno.readDirSync(root)) { // a killed restore's private folder
-    const ours = item.isDirectory && item.name.startsWith(SCRATCH_PREFIX);
+    const ours = item.isDirectory && /^\.nfreezer-restore-[0-9a-f]{16}$/.test(item.name);
     if (ours) await Deno.remove(join(root, item.name), { recursive: true });
   }
   const scratch = await Deno.makeTempDir({ dir: root, prefix: SCRATCH_PREFIX }); // mode 0700
@@ -656,6 +655,7 @@ async function restore(repo: Repo, [, target]: string[], options: Options, ui: U
     const info = await Deno.lstat(path).catch(() => null);
     if (info !== null && !info.isDirectory) await Deno.remove(path); // a file or link there
     if (info === null || !info.isDirectory) return await Deno.mkdir(path, { mode: 0o700 });
+    if (info.uid !== Deno.uid()) throw new UserError("another user owns it, and could swap it");
     const folder = await openFile(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW);
     await folder.chmod(0o700).finally(() => folder.close()); // writable for us, closed to others
   }
@@ -663,7 +663,8 @@ async function restore(repo: Repo, [, target]: string[], options: Options, ui: U
     const info = await Deno.lstat(path).catch(() => null);
     const mode = (info?.mode ?? 0) & 0o7777;
     const same = info?.isFile && info.size === entry.size && info.mtime?.getTime() === entry.mtime;
-    if (!same || mode !== (entry.mode & RESTORED_MODE_BITS)) return false;
+    const ours = info?.uid === Deno.uid() && mode === (entry.mode & RESTORED_MODE_BITS);
+    if (!same || !ours) return false;
     const hash = (chunk: Bytes) => chunkId(repo.keys, chunk);
     const found = await readFileChunks(path, hash).catch(() => null);
     return found?.chunks.join() === entry.chunks!.join();
@@ -730,7 +731,6 @@ Options:
   -i, --identity FILE   SSH key for ssh ($NFREEZER_SSH, default ssh, with its ~/.ssh/config)
   --known-hosts FILE    SSH known hosts file (ssh's UserKnownHostsFile)
   --accept-new-host     trust and remember the key of a host not yet in known_hosts
-  -h, --help            this help
 Exit codes: 0 ok, 1 error, 2 usage error, 3 integrity error (tampered or missing data)`;
 type Options = Record<string, Untyped>;
 const OPTIONS = {
