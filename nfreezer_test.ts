@@ -4,7 +4,16 @@ import assert from "node:assert/strict";
 import { createHash, randomBytes } from "node:crypto";
 import { dirname, join } from "node:path";
 import { gzipSync } from "node:zlib";
-import { chunkId, openRepo, putJson, seal } from "./nfreezer.ts";
+import {
+  chunkId,
+  importKeys,
+  openRepo,
+  padme,
+  putJson,
+  seal,
+  unlockConfig,
+  wrapMaster,
+} from "./nfreezer.ts";
 
 Deno.test("nfreezer.ts stays under its 900-line ceiling (goal: 600), lines of at most 100", () => {
   const lines = Deno.readTextFileSync(new URL("./nfreezer.ts", import.meta.url)).split("\n");
@@ -1915,4 +1924,287 @@ Deno.test("the SSH side: sftp:// locations, $NFREEZER_SSH through sh, timeouts a
     await server.stop();
     Deno.removeSync(work, { recursive: true });
   }
+});
+
+// ---- The reference's features (issue 14) and the format's known answers (issue 15) ----
+
+/** The snapshot id a backup's summary names. */
+function featureSnapshotId(stdout: string): string {
+  const match = /^Snapshot ([0-9a-f]{16}): /m.exec(stdout);
+  assert.ok(match, `no snapshot id in: ${stdout}`);
+  return match[1];
+}
+
+/** Each snapshot id and the tree it was taken of (treeState of the source right after). */
+type FeatureStates = Map<string, Record<string, string>>;
+
+/** Backs source up and remembers what its snapshot holds; returns the snapshot's id. */
+async function featureBackup(source: string, repoArgs: string[], states: FeatureStates) {
+  const id = featureSnapshotId(await ok(["backup", source, ...repoArgs]));
+  states.set(id, treeState(source));
+  return id;
+}
+
+/** Runs the tool on a pseudo-terminal (util-linux `script`), the test passphrase given in its
+ * environment: stdout and stderr both reach the terminal, in the order they were written. */
+async function featureOnTerminal(args: string[]): Promise<{ code: number; screen: string }> {
+  const line = [Deno.execPath(), "run", "-A", TOOL, ...args].map((word) => `'${word}'`).join(" ");
+  const child = new Deno.Command("script", {
+    args: ["-qfec", line, "/dev/null"],
+    env: CHILD_ENV,
+    stdin: "piped", // left open: script ends when the command does, not at the end of its input
+    stdout: "piped",
+    stderr: "null",
+  }).spawn();
+  const screen = await new Response(child.stdout).text();
+  await child.stdin.close().catch(() => {});
+  const { code } = await child.status;
+  return { code, screen };
+}
+
+/** Checks a terminal transcript: before the summary, only status lines redrawn in place ("\r",
+ * erase line, text with MiB done of the total), at least `least` of them, at most one a second of
+ * the run (the summary's elapsed time), and the line erased just before the summary. */
+function featureAssertStatusLines(screen: string, summary: RegExp, least: number) {
+  const at = screen.search(summary);
+  assert.ok(at >= 0, `no summary in: ${JSON.stringify(screen)}`);
+  const before = screen.slice(0, at);
+  assert.ok(!before.includes("\n"), `more than a status line before the summary: ${before}`);
+  assert.ok(before.endsWith("\r\x1b[K"), `the status line is not erased before the summary`);
+  // deno-lint-ignore no-control-regex
+  const redraws = [...before.matchAll(/\r\x1b\[K([^\r\n\x1b]+)/g)].map((match) => match[1]);
+  assert.ok(redraws.length >= least, `${redraws.length} status redraws: ${JSON.stringify(screen)}`);
+  let previous = 0;
+  for (const text of redraws) {
+    const match = /([\d.]+) MiB of 400\.0 MiB/.exec(text);
+    assert.ok(match, `a status line without the MiB done of the total: ${text}`);
+    assert.ok(Number(match[1]) >= previous, `the MiB done went backwards: ${redraws}`);
+    previous = Number(match[1]);
+  }
+  const seconds = Number(/; ([\d.]+) s\r?\n/.exec(screen.slice(at))?.[1]);
+  assert.ok(Number.isFinite(seconds), `no elapsed time in the summary: ${screen.slice(at)}`);
+  assert.ok(
+    redraws.length <= Math.floor(seconds + 0.1) + 1,
+    `${redraws.length} redraws in ${seconds} s: more than one a second`,
+  );
+  return { redraws, seconds };
+}
+
+Deno.test("progress line: on a terminal backup and restore redraw one status line, at most once a second; piped, none", async (t) => {
+  const work = Deno.makeTempDirSync({ prefix: "nfreezer-progress-" });
+  const [source, repo] = [join(work, "source"), join(work, "repo")];
+  const names = ["a.bin", "b.bin", "c.bin", "d.bin"];
+  /** A new mtime for each file: the next backup reads all 400 MiB again (and sends nothing). */
+  const touch = () => {
+    const now = new Date();
+    for (const name of names) Deno.utimeSync(join(source, name), now, now);
+  };
+  try {
+    Deno.mkdirSync(source);
+    for (const name of names) Deno.writeFileSync(join(source, name), randomBytes(100 * MiB));
+    await ok(["init", repo]);
+
+    await t.step(
+      "a backup of 400 MiB on a terminal: status redraws, then the summary",
+      async () => {
+        const run = await featureOnTerminal(["backup", source, repo]);
+        assert.equal(run.code, 0, run.screen);
+        const { redraws, seconds } = featureAssertStatusLines(
+          run.screen,
+          /Snapshot [0-9a-f]{16}: /,
+          1,
+        );
+        assert.match(redraws[0], /of 4 files; [\d.]+ MiB of 400\.0 MiB; .* sent .*; [\d.]+ s$/);
+        if (seconds >= 1.5) assert.ok(redraws.length >= 2, `one redraw in ${seconds} s`);
+      },
+    );
+
+    await t.step("its restore on a terminal: status redraws, then the summary", async () => {
+      const run = await featureOnTerminal(["restore", repo, join(work, "restored")]);
+      assert.equal(run.code, 0, run.screen);
+      const { redraws, seconds } = featureAssertStatusLines(run.screen, /Restored snapshot /, 1);
+      assert.match(redraws[0], /MiB of 400\.0 MiB, [\d.]+ MiB written; [\d.]+ s$/);
+      if (seconds >= 1.5) assert.ok(redraws.length >= 2, `one redraw in ${seconds} s`);
+      assert.deepEqual(treeState(join(work, "restored")), treeState(source));
+      Deno.removeSync(join(work, "restored"), { recursive: true });
+    });
+
+    await t.step("stderr piped: no status line, no \\r at all", async () => {
+      touch();
+      const backed = await nfreezer(["backup", source, repo]);
+      assert.equal(backed.code, 0, backed.stderr);
+      assert.equal(backed.stderr, "");
+      assert.ok(!backed.stdout.includes("\r"), JSON.stringify(backed.stdout));
+      assert.equal(stored(backed.stdout).readMib, 400);
+      const restored = await nfreezer(["restore", repo, join(work, "piped")]);
+      assert.equal(restored.code, 0, restored.stderr);
+      assert.equal(restored.stderr, "");
+      assert.ok(!restored.stdout.includes("\r"), JSON.stringify(restored.stdout));
+      assert.match(restored.stdout, /^Restored snapshot [0-9a-f]{16}: .*400\.0 MiB written/);
+      Deno.removeSync(join(work, "piped"), { recursive: true });
+    });
+  } finally {
+    Deno.removeSync(work, { recursive: true });
+  }
+});
+
+Deno.test("format §5, §6: a manifest without its root entry is refused; a snapshot without a manifest is named and skipped", async (t) => {
+  const work = Deno.makeTempDirSync({ prefix: "nfreezer-spec-" });
+  try {
+    await t.step(
+      "a forged manifest [] (no root entry): exit 3, nothing written",
+      async () => {
+        const repo = join(work, "empty-manifest");
+        await forgeSnapshot(repo, () => [], "00000000000000ee");
+        const target = join(work, "target");
+        const run = await nfreezer(["restore", repo, target]);
+        assertOneLineError(
+          run,
+          3,
+          /(The manifest of snapshot|Manifest) 00000000000000ee is corrupted/,
+        );
+        assert.ok(!exists(target), "the target was made: the refusal came late");
+      },
+    );
+
+    await t.step("a sealed snapshot without a manifest: named and skipped, exit 3", async () => {
+      const [source, repo] = [join(work, "source"), join(work, "repo")];
+      const states: FeatureStates = new Map();
+      Deno.mkdirSync(source);
+      Deno.writeTextFileSync(join(source, "a.txt"), "first\n");
+      await ok(["init", repo]);
+      const ids = [await featureBackup(source, [repo], states)];
+      Deno.writeTextFileSync(join(source, "a.txt"), "second, longer\n");
+      ids.push(await featureBackup(source, [repo], states));
+      Deno.env.set("NFREEZER_PASSWORD", CHILD_ENV.NFREEZER_PASSWORD);
+      const opened = await openRepo(repo, {});
+      try { // the newest, of this host and source: it would be the default and the parent
+        const time = new Date(Date.now() + 1000).toISOString();
+        const forged = { time, host: Deno.hostname(), source: Deno.realPathSync(source) };
+        await putJson(opened, "snapshots/00000000000000dd", forged);
+      } finally {
+        opened.store.close();
+        Deno.env.delete("NFREEZER_PASSWORD");
+      }
+      const named = /snapshot 00000000000000dd/;
+
+      const listed = await nfreezer(["snapshots", repo]);
+      assert.equal(listed.code, 3, listed.stderr);
+      assert.match(listed.stderr, named);
+      assert.ok(!/^\s+at /m.test(listed.stderr), listed.stderr);
+      const lines = listed.stdout.trim().split("\n");
+      assert.deepEqual(lines.map((line) => line.slice(0, 16)), ids);
+
+      const out = join(work, "out");
+      const restored = await nfreezer(["restore", repo, out]);
+      assert.equal(restored.code, 3, restored.stderr);
+      assert.match(restored.stderr, named);
+      assert.match(restored.stdout, new RegExp(`^Restored snapshot ${ids[1]}: `));
+      assert.deepEqual(treeState(out), states.get(ids[1]));
+
+      const backed = await nfreezer(["backup", source, repo]);
+      assert.equal(backed.code, 3, backed.stderr);
+      assert.match(backed.stderr, named);
+      assert.match(backed.stdout, /: 0 new, 0 changed, 1 unchanged/); // its parent: the newest good
+    });
+  } finally {
+    Deno.removeSync(work, { recursive: true });
+  }
+});
+
+/** The README's known-answer vectors (Format: "Known-answer vectors"); bytes in hex. */
+const FEATURE_VECTORS = {
+  passphrase: "correct horse",
+  configSalt: "01".repeat(32),
+  configNonce: "02".repeat(12),
+  master: Array.from({ length: 64 }, (_, byte) => byte.toString(16).padStart(2, "0")).join(""),
+  kek: "676e7425012cd597c1e3a20175a0e113314d780137d01e3ca7b002d3c0cd95e6",
+  config: `{
+  "format": 2,
+  "kdf": {
+    "log2N": 17,
+    "r": 8,
+    "p": 1,
+    "salt": "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE="
+  },
+  "nonce": "AgICAgICAgICAgIC",
+  "keys": "mb/Hhlv9xhTWphSD2atvl9EmAshb1SjC5x0Pq2UEUfX0XZYxP+OOfXYRC1pi/+Lj2x7YT32eyg27TXGiTAeT62wBSx9oHnfXOW6s9K/Su28="
+}`,
+  content: "nfreezer\n",
+  chunkId: "e5c615e826e0fa0436fbd27521d8c49d770f160ee69b098ec2703389b1f43297",
+  objectSalt: "04".repeat(32),
+  objectKey: "210603b5ad3889a5556fef864ca284835191d2cd3f2bf3ff4681d24ecfd6addc",
+  payload: "000000096e667265657a65720a00",
+  sealed: "4e465a31" + "04".repeat(32) +
+    "c02a6338a34181dfa4eb334cc700c8e9d4027d3536998b53ac8ed94162c2",
+  padme: [
+    [0, 0],
+    [1, 1],
+    [2, 2],
+    [3, 3],
+    [9, 10],
+    [100, 104],
+    [1000, 1024],
+    [4194303, 4194304],
+    [4194304, 4194304],
+  ],
+};
+
+Deno.test("known-answer vectors: the config, a sealed object, a chunk id and padme, as the README gives them", async () => {
+  const v = FEATURE_VECTORS;
+  const bytes = (hex: string) => Uint8Array.from(hex.match(/../g)!, (pair) => parseInt(pair, 16));
+  const hexOf = (data: ArrayBuffer | Uint8Array) =>
+    Array.from(new Uint8Array(data), (byte) => byte.toString(16).padStart(2, "0")).join("");
+  const [master, content] = [bytes(v.master), new TextEncoder().encode(v.content)];
+  const name = `data/${v.chunkId}`;
+
+  const config = await wrapMaster(v.passphrase, master, bytes(v.configSalt), bytes(v.configNonce));
+  assert.deepEqual(JSON.parse(config), JSON.parse(v.config)); // the fields, whatever the spacing
+  const keys = await importKeys(master);
+  assert.equal(await chunkId(keys, content), v.chunkId);
+  const sealed = await seal(keys, name, content, bytes(v.objectSalt));
+  assert.equal(hexOf(sealed), v.sealed);
+  assert.equal(sealed.length, 36 + 4 + padme(content.length) + 16); // §3, §4: the stored size
+  for (const [length, padded] of v.padme) assert.equal(padme(length), padded, `padme(${length})`);
+
+  const unlocked = await unlockConfig(new TextEncoder().encode(v.config), v.passphrase);
+  assert.equal(await chunkId(unlocked, content), v.chunkId);
+  assert.equal(hexOf(await seal(unlocked, name, content, bytes(v.objectSalt))), v.sealed);
+
+  // The intermediate values, from the spec's words and WebCrypto alone:
+  const subtle = crypto.subtle;
+  const kek = await subtle.importKey("raw", bytes(v.kek), "AES-GCM", false, ["decrypt"]);
+  const wrapped = Uint8Array.from(atob(JSON.parse(config).keys), (char) => char.charCodeAt(0));
+  const aad = new TextEncoder().encode("nfreezer/1 config");
+  const iv = bytes(v.configNonce);
+  const unwrapped = await subtle.decrypt(
+    { name: "AES-GCM", iv, additionalData: aad },
+    kek,
+    wrapped,
+  );
+  assert.equal(hexOf(unwrapped), v.master, "§2: the config's keys are master under the KEK");
+  const ikm = await subtle.importKey("raw", master.slice(0, 32), "HKDF", false, ["deriveBits"]);
+  const info = new TextEncoder().encode(`nfreezer/1 object ${name}`);
+  const hkdf = { name: "HKDF", hash: "SHA-256", salt: bytes(v.objectSalt), info };
+  assert.equal(hexOf(await subtle.deriveBits(hkdf, ikm, 256)), v.objectKey, "§3: K");
+  const key = await subtle.importKey("raw", bytes(v.objectKey), "AES-GCM", false, ["decrypt"]);
+  const zero = new Uint8Array(12);
+  const opened = await subtle.decrypt(
+    { name: "AES-GCM", iv: zero },
+    key,
+    bytes(v.sealed.slice(72)),
+  );
+  assert.equal(
+    hexOf(opened),
+    v.payload,
+    "§3: the payload is u32be(L) || content || 0^(padme(L) - L)",
+  );
+  const hmacKey = await subtle.importKey(
+    "raw",
+    master.slice(32),
+    { name: "HMAC", hash: "SHA-256" },
+    false,
+    ["sign"],
+  );
+  assert.equal(hexOf(await subtle.sign("HMAC", hmacKey, content)), v.chunkId, "§4: the chunk id");
 });
