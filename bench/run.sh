@@ -84,7 +84,7 @@ deno cache --quiet "$NFREEZER_TS"
 # nfreezer runs as its first line runs it (./nfreezer.ts, and the compiled binary): with its V8 flags
 NF="deno run -A $(head -1 "$NFREEZER_TS" | grep -o -- '--v8-flags=[^ ]*' || true) $NFREEZER_TS"
 NF_REPO="sftp://$USER_NAME@127.0.0.1:$PORT$WORK/remote/nfreezer"
-NF_OPTS="-q -i $WORK/user_key --known-hosts $WORK/known_hosts"
+NF_OPTS="-i $WORK/user_key --known-hosts $WORK/known_hosts"
 touch "$WORK/rclone.conf"
 export RCLONE_CONFIG=$WORK/rclone.conf RCLONE_CONFIG_R_TYPE=sftp RCLONE_CONFIG_R_HOST=127.0.0.1 \
   RCLONE_CONFIG_R_PORT=$PORT RCLONE_CONFIG_R_USER=$USER_NAME RCLONE_CONFIG_R_KEY_FILE=$WORK/user_key \
@@ -106,7 +106,8 @@ fresh() { rm -rf "$WORK/remote" "$WORK/out" "$WORK/cache"; mkdir -p "$WORK/remot
 # The repositories are on this machine, so "does it exist yet" is a local test, not a tool run.
 backup() {
   case $1 in
-    nfreezer) $NF backup "$WORK/data" "$NF_REPO" $NF_OPTS ;;
+    nfreezer) [ -e "$WORK/remote/nfreezer/config" ] || $NF init "$NF_REPO" $NF_OPTS >/dev/null
+      $NF backup "$WORK/data" "$NF_REPO" $NF_OPTS >/dev/null 2>&1 ;;
     sftp) { [ -d "$WORK/remote/sftp" ] || echo "mkdir $WORK/remote/sftp"
       echo "put -r $WORK/data $WORK/remote/sftp"; } |
       sftp -q -b - $SFTP_OPTS "$USER_NAME@127.0.0.1" >/dev/null ;;
@@ -121,7 +122,7 @@ backup() {
 }
 restore() {
   case $1 in
-    nfreezer) $NF restore "$NF_REPO" "$WORK/out" $NF_OPTS ;;
+    nfreezer) $NF restore "$NF_REPO" "$WORK/out" $NF_OPTS >/dev/null 2>&1 ;;
     sftp) printf 'get -r %s %s\n' "$WORK/remote/sftp" "$WORK/out" |
       sftp -q -b - $SFTP_OPTS "$USER_NAME@127.0.0.1" >/dev/null ;;
     restic) restic -q -r "$RESTIC_REPO" -o sftp.command="$RESTIC_SSH" restore latest --target "$WORK/out" >/dev/null ;;
