@@ -7,7 +7,7 @@
  * Guaranteed: keys, names, paths, contents, modes and times never leave in clear. A changed,
  *   truncated, swapped, renamed or replayed object fails authentication before a byte of it is
  *   written: restore reproduces the snapshot or exits 3 naming what it could not verify. Nothing
- *   lands outside the target or through a link. Memory stays bounded whatever objects hold.
+ *   lands outside the target or through a link in it (races: README). Memory stays bounded.
  * Not hidden: the size, number and Padmé-padded sizes of objects, when backups run, how much
  *   changed. The server can delete it all or withhold new snapshots. More in the README.
  * FORMAT 2: §1 layout, §2 config, §3 objects, §4 chunks, §5 manifest, §6 snapshots, §7 writes,
@@ -253,8 +253,7 @@ async function withLock<T>(repo: Repo, work: () => Promise<T>): Promise<T> {
     for (const id of await repo.store.list("locks")) {
       if (!isHex(id, 16) || id === own) continue;
       const lock = await getJson(repo, `locks/${id}`).catch(() => null); // gone, or not ours
-      const stale = lock?.host === hostname() && !isAlive(lock.pid);
-      if (stale) await repo.store.remove(`locks/${id}`);
+      if (lock?.host === hostname() && !isAlive(lock.pid)) await repo.store.remove(`locks/${id}`);
       else others++;
     }
     const leftovers = others === 0 ? await repo.store.list("tmp") : []; // §7: of killed runs
@@ -442,7 +441,8 @@ async function connectSsh(destination: string, port: string, options: Options) {
   const ended = child.stdout.pipeTo(receive).catch(() => {});
   ended.then(() => {
     lost = true;
-    sftp.push(null); // fails every pending request
+    sftp.push(null); // fails every pending request; again for the closes their failures send
+    sftp.push(null); // (ssh2's readdir closes its handle when a read fails)
   });
   sftp._init();
   const ready = new Promise((resolve) => sftp.once("ready", resolve));
@@ -542,6 +542,7 @@ async function backup(repo: Repo, [source]: string[], options: Options, ui: Ui):
   const previous = new Map(before.map((entry) => [entry.path, entry]));
   const known = new Set(before.flatMap((entry) => entry.chunks ?? [])); // §4: stored already
   const repository = repo.store.local ? Deno.realPathSync(repo.store.root) : "";
+  if (root === repository) throw new UserError(`${source} is the repository itself`);
   const entries = scanTree(root, options.exclude ?? [], repository, ui);
   const files = entries.filter((entry) => entry.type === "file");
   const total = files.reduce((sum, entry) => sum + entry.size!, 0);
@@ -863,11 +864,10 @@ async function runCli(argv: string[]): Promise<void> {
   if (!Object.hasOwn(COMMANDS, name)) throw new UserError(`Unknown command ${name}`, 2, HELP);
   const command = COMMANDS[name];
   const usage = `usage: ${SELF} ${name} ${command.args.join(" ")}`;
-  const owned = Object.values(COMMANDS).flatMap((other) => other.options);
-  const foreign = Object.keys(options).find((key) => owned.includes(key));
-  if (foreign && !command.options.includes(foreign)) {
-    throw new UserError(`${name} does not take --${foreign}`, 2, usage);
-  }
+  const owned = Object.values(COMMANDS).flatMap((other) => other.options); // not global ones
+  const notOurs = (key: string) => owned.includes(key) && !command.options.includes(key);
+  const foreign = Object.keys(options).find(notOurs);
+  if (foreign) throw new UserError(`${name} does not take --${foreign}`, 2, usage);
   const wanted = command.args.join(" ");
   if (args.length !== command.args.length) throw new UserError(`${name} takes ${wanted}`, 2, usage);
   const ui = makeUi();
@@ -884,7 +884,7 @@ export async function main(argv: string[]): Promise<number> {
     await runCli(argv);
     return 0;
   } catch (thrown: Untyped) {
-    const usage = String(thrown?.code).startsWith("ERR_PARSE_ARGS"); // not the parser's paragraph
+    const usage = String(thrown?.code).startsWith("ERR_PARSE_ARGS") || thrown instanceof URIError;
     const error = usage ? new UserError(thrown.message.split(". ")[0], 2, HELP) : thrown;
     if (!(error instanceof UserError || isFsError(error))) throw error;
     console.error(`nfreezer: error: ${printable(error.message.replace(/ \(os error \d+\)/, ""))}`);
