@@ -2206,3 +2206,31 @@ Deno.test("known-answer vectors: the config, a sealed object, a chunk id and pad
   );
   assert.equal(hexOf(await subtle.sign("HMAC", hmacKey, content)), v.chunkId, "§4: the chunk id");
 });
+
+Deno.test("the command line refuses every option of another command, bad %-escapes, and the repository as its own source", async () => {
+  const work = Deno.makeTempDirSync({ prefix: "nfreezer-cli2-" });
+  try {
+    const repo = join(work, "repo");
+    await ok(["init", repo]);
+    const both = await nfreezer([
+      "restore",
+      repo,
+      join(work, "out"),
+      "--snapshot",
+      "a",
+      "--exclude",
+      "b",
+    ]);
+    assertOneLineError(both, 2, /restore does not take --exclude/);
+    assert.ok(!exists(join(work, "out")), "the restore ran");
+    assertOneLineError(
+      await nfreezer(["snapshots", "sftp://me@127.0.0.1/%zz"]),
+      2,
+      /URI malformed/,
+    );
+    assertOneLineError(await nfreezer(["backup", repo, repo]), 1, /is the repository itself/);
+    assert.deepEqual(repoFiles(repo, "snapshots"), []);
+  } finally {
+    Deno.removeSync(work, { recursive: true });
+  }
+});
