@@ -19,7 +19,7 @@ import { scryptSync } from "node:crypto";
 import fs from "node:fs";
 import { type FileHandle, lutimes, open as openFile } from "node:fs/promises";
 import { hostname } from "node:os";
-import { join, matchesGlob, resolve } from "node:path";
+import { join, matchesGlob, resolve as absolutePath } from "node:path";
 import process from "node:process";
 import { parseArgs } from "node:util";
 import { gunzipSync, gzipSync } from "node:zlib";
@@ -280,8 +280,8 @@ type Item = { filename: string };
 /** The callback calls a Store makes, as ssh2's SFTP client names them; LOCAL_FILES: node:fs's. */
 type Files = {
   open(path: string, flags: "r" | "wx", attrs: { mode?: number }, done: Done<Untyped>): void;
-  read(handle: Untyped, data: Buffer, at: 0, length: number, from: 0, done: Done<number>): void;
-  write(handle: Untyped, data: Buffer, at: 0, length: number, from: 0, done: Done<number>): void;
+  read(handle: Untyped, data: Buffer, offset: 0, length: number, pos: 0, done: Done<number>): void;
+  write(handle: Untyped, data: Buffer, offset: 0, length: number, pos: 0, done: Done<number>): void;
   close(handle: Untyped, done: Done): void;
   lstat(path: string, done: Done<Info>): void;
   readdir(path: string, done: Done<Item[]>): void;
@@ -531,8 +531,8 @@ async function storeFile(root: string, path: string, useChunk: UseChunk, ui: Ui)
 async function backup(repo: Repo, [source]: string[], options: Options, ui: Ui): Promise<void> {
   if (!Deno.statSync(source).isDirectory) throw new UserError(`${source} is not a folder`);
   const [started, root] = [Date.now(), Deno.realPathSync(source)];
-  const snapshots = await listSnapshots(repo, ui);
-  const parent = snapshots.findLast((item) => item.host === hostname() && item.source === root);
+  const listed = await listSnapshots(repo, ui);
+  const parent = listed.findLast((item) => item.host === hostname() && item.source === root);
   const orphan = (error: Error) => {
     if (!isDamage(error)) throw error;
     ui.problem(`the parent snapshot: ${error.message}; every file is read`, 3);
@@ -590,11 +590,11 @@ async function backup(repo: Repo, [source]: string[], options: Options, ui: Ui):
     manifest.chunks.push(await putChunk(packed.slice(offset, offset + CHUNK_BYTES), false));
   }
   repo.store.syncFolder("data"); // §6: every chunk is stored before a snapshot can refer to it
-  const id = hex(random(8));
+  const snapshotId = hex(random(8));
   const snapshot = { time: new Date().toISOString(), host: hostname(), source: root, manifest };
-  await putJson(repo, `snapshots/${id}`, { ...snapshot, parent: parent?.id, bytes: total });
+  await putJson(repo, `snapshots/${snapshotId}`, { ...snapshot, parent: parent?.id, bytes: total });
   repo.store.syncFolder("snapshots");
-  ui.info(`Snapshot ${id}: ${progress()}`);
+  ui.info(`Snapshot ${snapshotId}: ${progress()}`);
 }
 
 // ---- Restore ----------------------------------------------------------------------------------
@@ -618,12 +618,12 @@ async function restore(repo: Repo, [, target]: string[], options: Options, ui: U
   const none = prefix ? `No snapshot ${prefix}` : "No snapshots";
   if (!snapshot) throw new UserError(none, ui.exitCode);
   const entries = await loadManifest(repo, snapshot);
-  const found = await Deno.stat(target).catch(() => null);
-  if (found !== null && !found.isDirectory) throw new UserError(`${target} is not a folder`);
+  const existing = await Deno.stat(target).catch(() => null);
+  if (existing !== null && !existing.isDirectory) throw new UserError(`${target} is not a folder`);
   await Deno.mkdir(target, { recursive: true });
   const [root, owner] = [Deno.realPathSync(target), Deno.uid()];
-  const { uid, mode } = Deno.statSync(root);
-  const othersCanWrite = uid !== owner || (mode! & 0o022) !== 0; // even if sticky: they add
+  const { uid, mode: rootMode } = Deno.statSync(root);
+  const othersCanWrite = uid !== owner || (rootMode! & 0o022) !== 0; // sticky too: they can add
   const hint = "restore into a folder only root can write to, then move what you need";
   if (owner === 0 && othersCanWrite) throw new UserError(`Others can write to ${target}`, 1, hint);
   for (const item of Deno.readDirSync(root)) { // a killed restore's private folder
@@ -746,7 +746,7 @@ const OPTIONS = {
 /** A command: its arguments (<repo> is opened for it), its own options, and its lock (§8). */
 type Command = { args: string[]; options: string[]; locked?: boolean; run: Run };
 type Run = (repo: Repo, args: string[], options: Options, ui: Ui) => Promise<void>;
-async function snapshots(repo: Repo, _args: string[], _options: Options, ui: Ui): Promise<void> {
+async function listCommand(repo: Repo, _args: string[], _options: Options, ui: Ui): Promise<void> {
   for (const { id, time, host, source, bytes } of await listSnapshots(repo, ui) as Untyped[]) {
     ui.info(printable(`${id}  ${time}  ${host}:${source}  ${mib(bytes)}`));
   }
@@ -755,7 +755,7 @@ const COMMANDS: Record<string, Command> = {
   init: { args: ["<repo>"], options: [], run: () => Promise.resolve() }, // openRepo makes it
   backup: { args: ["<source-dir>", "<repo>"], options: ["exclude"], locked: true, run: backup },
   restore: { args: ["<repo>", "<target-dir>"], options: ["snapshot"], run: restore },
-  snapshots: { args: ["<repo>"], options: [], run: snapshots },
+  snapshots: { args: ["<repo>"], options: [], run: listCommand },
 };
 /** Output. A problem is counted: exit 1 (3 for damage) once the rest is done. On a terminal, a
  * status line on stderr, redrawn at most once a second. */
@@ -816,7 +816,7 @@ function parseLocation(location: string) {
   }
   const scp = /^([^/:]+):(.*)$/.exec(location); // as scp: a local "a:b" is written ./a:b
   if (scp) return { destination: scp[1], port: "", path: scp[2].replace(/^~\//, "") || "." };
-  return { destination: "", port: "", path: resolve(location) };
+  return { destination: "", port: "", path: absolutePath(location) };
 }
 /** Opens the repository at a location, or with `create` makes a new one there (init). */
 async function openRepo(location: string, options: Options, create = false): Promise<Repo> {
