@@ -42,7 +42,6 @@ const MANIFEST_MAX_BYTES = 256 * 2 ** 20; // §5: its JSON and its gzip, when wr
 const SMALL_OBJECT_BYTES = 64 * 1024; // §2, §6, §8: a few hundred bytes; larger is refused unread
 const RESTORED_MODE_BITS = 0o1777; // never setuid or setgid: owners are not restored
 const PRIVATE = { mode: 0o600 }; // §7: what nfreezer creates is its user's alone
-const SCRATCH_PREFIX = ".nfreezer-restore-"; // restore's private 0700 folder inside the target
 const CONNECT_TIMEOUT_SECONDS = 20; // for ssh: an unreachable host fails instead of hanging
 const STATUS_EVERY_MS = 1000; // the progress line is redrawn at most this often
 
@@ -192,8 +191,8 @@ async function* chunksOf(repo: Repo, content: Content): AsyncGenerator<Bytes> {
 function isEntry(entry: Entry): boolean {
   const { path, mode, mtime, type, target } = (entry ?? {}) as Entry;
   if (typeof path !== "string" || !path.isWellFormed() || path.includes("\0")) return false;
-  const parts = path.split("/");
-  if (path !== "" && parts.some((part) => ["", ".", ".."].includes(part))) return false;
+  const parts = path === "" ? [] : path.split("/"); // "": the root folder
+  if (parts.some((part) => ["", ".", ".."].includes(part))) return false;
   if (!Number.isInteger(mode) || mode < 0 || mode > 0o7777 || !Number.isFinite(mtime)) return false;
   if (type === "file") return isContent(entry);
   if (type === "symlink") return typeof target === "string" && target !== "" && !/\0/.test(target);
@@ -336,23 +335,20 @@ function makeStore(connection: Connection, root: string) {
       await call("close", name, (done) => files.close(file, done));
     }
   }
-  /** The first `length` bytes of name (fewer if it is shorter). */
-  async function readStart(name: string, length: number): Promise<Buffer> {
+  /** The first `length` bytes of name: fewer if it is shorter. */
+  async function readStart(name: string, length: number): Promise<Bytes> {
     const handle = await call("open", name, (done) => files.open(path(name), "r", {}, done));
     const buffer = Buffer.alloc(length); // its own memory, not a shared pool
     const count = await call<number>("read", name, (done) => {
       files.read(handle, buffer, 0, length, 0, done); // ssh2: in pieces, in order
     }).finally(() => files.close(handle, () => {})); // not waited for: one round trip less
-    return buffer.subarray(0, count);
+    return new Uint8Array(buffer.buffer as ArrayBuffer, buffer.byteOffset, count);
   }
   return {
     root,
-    local: connection.local,
-    close: connection.end,
-    isLost: connection.isLost,
+    connection,
     create,
     lstat,
-    exists: async (name: string) => (await lstat(name)) !== null,
     remove: (name: string) => call("delete", name, (done) => files.unlink(path(name), done)),
     /** The whole object, of the size given (else its own, at most SMALL_OBJECT_BYTES). */
     async read(name: string, size?: number): Promise<Bytes> {
@@ -364,7 +360,7 @@ function makeStore(connection: Connection, root: string) {
       });
       if (size === undefined && data.length > SMALL_OBJECT_BYTES) throw refuse("it is too large");
       if (size !== undefined && data.length !== size) throw refuse("it is too short");
-      return new Uint8Array(data.buffer as ArrayBuffer, data.byteOffset, data.length);
+      return data;
     },
     /** §7: to tmp/ (created exclusively), synced, then renamed: a name never holds a part. */
     async write(name: string, object: Uint8Array): Promise<void> {
@@ -393,9 +389,8 @@ function makeStore(connection: Connection, root: string) {
     /** §7: a local folder is synced after renames into it, so they survive a power cut. */
     syncFolder(folder: string): void {
       if (!connection.local) return; // a server's file system decides
-      const handle = fs.openSync(path(folder), O_RDONLY | O_DIRECTORY | O_NOFOLLOW);
-      fs.fsyncSync(handle);
-      fs.closeSync(handle);
+      using handle = Deno.openSync(path(folder)); // closed when it goes out of scope
+      handle.syncSync();
     },
   };
 }
@@ -452,8 +447,8 @@ async function connectSsh(destination: string, port: string, options: Options) {
   }
   const posixRename = sftp._extensions["posix-rename@openssh.com"] === "1";
   const fsync = sftp._extensions["fsync@openssh.com"] === "1";
-  const [files, isLost, end] = [sftp as Files, () => lost, () => sftp.end()];
-  return { files, name: destination, local: false, posixRename, fsync, isLost, end };
+  const connection = { files: sftp as Files, name: destination, local: false, posixRename, fsync };
+  return { ...connection, isLost: () => lost, end: () => sftp.end() };
 }
 
 // ---- Backup -----------------------------------------------------------------------------------
@@ -491,9 +486,10 @@ function scanTree(root: string, excludes: string[], repository: string, ui: Ui):
   visit("");
   return entries.sort((a, b) => (a.path < b.path ? -1 : 1));
 }
-/** A regular file's chunks, through one handle that follows no link and waits on no FIFO (it may
- * have been swapped since the scan); null if it changed while read or is no longer a file. */
-async function readFileChunks(path: string, use: UseChunk): Promise<FileState | null> {
+/** A regular file's chunks, each handed to `use` (backup stores it; restore hashes it to compare)
+ * as read through one handle that follows no link and waits on no FIFO: the path may have been
+ * swapped since the scan. null if it changed while read, or is no longer a file. */
+async function readChunks(path: string, use: UseChunk): Promise<FileState | null> {
   const file = await openFile(path, O_RDONLY | O_NOFOLLOW | O_NONBLOCK);
   try {
     const before = await file.stat();
@@ -506,9 +502,9 @@ async function readFileChunks(path: string, use: UseChunk): Promise<FileState | 
       if (bytesRead < chunk.length) return null; // it shrank while being read
       chunks.push(await use(chunk));
     }
-    const [after, mtime] = [await file.stat(), before.mtime.getTime()];
-    if (after.size !== before.size || after.mtime.getTime() !== mtime) return null;
-    return { size: before.size, mtime, chunks };
+    const after = await file.stat();
+    if (after.size !== before.size || after.mtimeMs !== before.mtimeMs) return null;
+    return { size: before.size, mtime: before.mtime.getTime(), chunks };
   } finally {
     await file.close();
   }
@@ -517,7 +513,7 @@ async function readFileChunks(path: string, use: UseChunk): Promise<FileState | 
 async function storeFile(root: string, path: string, useChunk: UseChunk, ui: Ui) {
   try {
     for (let attempt = 0; attempt < 3; attempt++) {
-      const stored = await readFileChunks(join(root, path), useChunk);
+      const stored = await readChunks(join(root, path), useChunk);
       if (stored !== null) return stored;
     }
     ui.problem(`skipped ${path}: it kept changing while being read`);
@@ -530,18 +526,20 @@ async function storeFile(root: string, path: string, useChunk: UseChunk, ui: Ui)
 /** Adds a snapshot: reads only files whose size or mtime changed, sends only new chunks. */
 async function backup(repo: Repo, [source]: string[], options: Options, ui: Ui): Promise<void> {
   if (!Deno.statSync(source).isDirectory) throw new UserError(`${source} is not a folder`);
-  const [started, root] = [Date.now(), Deno.realPathSync(source)];
+  const started = Date.now();
+  const root = Deno.realPathSync(source);
   const listed = await listSnapshots(repo, ui);
   const parent = listed.findLast((item) => item.host === hostname() && item.source === root);
-  const orphan = (error: Error) => {
+  let before: Entry[] = []; // the parent's entries: unchanged files are not read again
+  try {
+    if (parent) before = await loadManifest(repo, parent);
+  } catch (error) {
     if (!isDamage(error)) throw error;
-    ui.problem(`the parent snapshot: ${error.message}; every file is read`, 3);
-    return [];
-  };
-  const before = parent ? await loadManifest(repo, parent).catch(orphan) : [];
+    ui.problem(`the parent snapshot: ${(error as Error).message}; every file is read`, 3);
+  }
   const previous = new Map(before.map((entry) => [entry.path, entry]));
   const known = new Set(before.flatMap((entry) => entry.chunks ?? [])); // §4: stored already
-  const repository = repo.store.local ? Deno.realPathSync(repo.store.root) : "";
+  const repository = repo.store.connection.local ? Deno.realPathSync(repo.store.root) : "";
   if (root === repository) throw new UserError(`${source} is the repository itself`);
   const entries = scanTree(root, options.exclude ?? [], repository, ui);
   const files = entries.filter((entry) => entry.type === "file");
@@ -551,17 +549,21 @@ async function backup(repo: Repo, [source]: string[], options: Options, ui: Ui):
     `${done.new} new, ${done.changed} changed, ${done.same} unchanged of ${files.length} files` +
     `; ${mib(done.bytes)} of ${mib(total)}; ${mib(done.read)} read, ${mib(done.sent)} sent in ` +
     `${done.chunks} new chunks; ${since(started)}`;
-  const putChunk = async (chunk: Bytes, ofFile = true) => {
-    if (ofFile) done.bytes += chunk.length; // the manifest's chunks are not in the total
+  /** §4: stores a chunk unless it is stored already: known, or sent by an interrupted run. */
+  const storeChunk = async (chunk: Bytes) => {
     ui.status(progress);
     const id = await chunkId(repo.keys, chunk);
     if (known.has(id)) return id;
     known.add(id);
-    if (await repo.store.exists(`data/${id}`)) return id; // sent by an interrupted run
+    if ((await repo.store.lstat(`data/${id}`)) !== null) return id;
     await repo.store.write(`data/${id}`, await seal(repo.keys, `data/${id}`, chunk));
     done.sent += chunk.length;
     done.chunks++;
     return id;
+  };
+  const storeFileChunk = (chunk: Bytes) => {
+    done.bytes += chunk.length; // the manifest's chunks are not in the total
+    return storeChunk(chunk);
   };
   const kept: Entry[] = [];
   for (const entry of entries) {
@@ -572,7 +574,7 @@ async function backup(repo: Repo, [source]: string[], options: Options, ui: Ui):
       done.same++;
       done.bytes += entry.size!;
     } else {
-      const stored = await storeFile(root, entry.path, putChunk, ui);
+      const stored = await storeFile(root, entry.path, storeFileChunk, ui);
       if (stored === null) continue;
       kept.push({ ...entry, ...stored });
       done.read += stored.size;
@@ -587,7 +589,7 @@ async function backup(repo: Repo, [source]: string[], options: Options, ui: Ui):
   }
   const manifest = { size: packed.length, chunks: [] as string[] };
   for (let offset = 0; offset < packed.length; offset += CHUNK_BYTES) {
-    manifest.chunks.push(await putChunk(packed.slice(offset, offset + CHUNK_BYTES), false));
+    manifest.chunks.push(await storeChunk(packed.slice(offset, offset + CHUNK_BYTES)));
   }
   repo.store.syncFolder("data"); // §6: every chunk is stored before a snapshot can refer to it
   const snapshotId = hex(random(8));
@@ -606,12 +608,14 @@ async function finish(file: FileHandle, entry: Entry): Promise<void> {
   await file.chmod(entry.mode & RESTORED_MODE_BITS);
   await file.utimes(fsTime(entry), fsTime(entry));
 }
-/** Restores the newest snapshot (or --snapshot's) in path order: folders (0700 until the end),
- * files and links made in a private folder and renamed into place, never through a link; then
- * folders' modes and times, deepest first. Identical files are kept; a failed folder's contents
- * are named. As root, a target others can write to is refused: they could swap its folders. */
+/** Restores the newest snapshot (or --snapshot's) in path order: a folder (0700 until the end)
+ * before what it holds; a file or link made in a private folder, then renamed into place, so
+ * nothing is written through a link; a file already there with the same content is kept. Last,
+ * folders get their modes and times, deepest first. A failed entry is named, and so is all that
+ * a failed folder holds. As root, a target others can write to is refused: they could swap it. */
 async function restore(repo: Repo, [, target]: string[], options: Options, ui: Ui): Promise<void> {
-  const [started, prefix] = [Date.now(), options.snapshot ?? ""];
+  const started = Date.now();
+  const prefix = options.snapshot ?? "";
   const matches = (await listSnapshots(repo, ui)).filter((item) => item.id.startsWith(prefix));
   if (prefix && matches.length > 1) throw new UserError(`${matches.length} ids start ${prefix}`);
   const snapshot = matches.at(-1); // §6: the newest
@@ -621,44 +625,43 @@ async function restore(repo: Repo, [, target]: string[], options: Options, ui: U
   const existing = await Deno.stat(target).catch(() => null);
   if (existing !== null && !existing.isDirectory) throw new UserError(`${target} is not a folder`);
   await Deno.mkdir(target, { recursive: true });
-  const [root, owner] = [Deno.realPathSync(target), Deno.uid()];
+  const root = Deno.realPathSync(target);
   const { uid, mode: rootMode } = Deno.statSync(root);
-  const othersCanWrite = uid !== owner || (rootMode! & 0o022) !== 0; // sticky too: they can add
+  const shared = uid !== Deno.uid() || (rootMode! & 0o022) !== 0; // others can write (or add)
   const hint = "restore into a folder only root can write to, then move what you need";
-  if (owner === 0 && othersCanWrite) throw new UserError(`Others can write to ${target}`, 1, hint);
+  if (Deno.uid() === 0 && shared) throw new UserError(`Others can write to ${target}`, 1, hint);
   for (const item of Deno.readDirSync(root)) { // a killed restore's private folder
     const ours = item.isDirectory && /^\.nfreezer-restore-[0-9a-f]{16}$/.test(item.name);
     if (ours) await Deno.remove(join(root, item.name), { recursive: true });
   }
-  const scratch = await Deno.makeTempDir({ dir: root, prefix: SCRATCH_PREFIX }); // mode 0700
+  const scratch = await Deno.makeTempDir({ dir: root, prefix: ".nfreezer-restore-" }); // 0700
   const files = entries.filter((entry) => entry.type === "file");
   const total = files.reduce((sum, entry) => sum + entry.size!, 0);
   const done = { files: 0, same: 0, bytes: 0, written: 0 };
   const progress = () =>
     `${done.files} of ${files.length} files (${done.same} already there); ${mib(done.bytes)} of ` +
     `${mib(total)}, ${mib(done.written)} written; ${since(started)}`;
-  const failed = new Set<string>();
-  async function attempt(entry: Entry, work: (path: string) => Promise<unknown>): Promise<void> {
-    if (entry.path !== "" && failed.has(parentOf(entry.path))) {
-      failed.add(entry.path);
-      return ui.problem(`cannot restore ${entry.path}: its folder could not be restored`);
-    }
+  const failed = new Set<string>(); // paths of entries that could not be restored
+  /** Runs one entry's work; a failure is named and counted, and the restore goes on. */
+  async function attempt(entry: Entry, work: typeof restoreFile, temporary = ""): Promise<void> {
+    const orphaned = entry.path !== "" && failed.has(parentOf(entry.path));
     try {
-      await work(join(root, entry.path));
+      if (orphaned) throw new UserError("its folder could not be restored");
+      await work(entry, join(root, entry.path), temporary);
     } catch (error) {
-      if (!(error instanceof UserError || isFsError(error)) || repo.store.isLost()) throw error;
+      const ours = error instanceof UserError || isFsError(error); // else a bug: keep its stack
+      if (!ours || repo.store.connection.isLost()) throw error;
       failed.add(entry.path);
       const exitCode = error instanceof UserError ? error.exitCode : 1;
       ui.problem(`cannot restore ${entry.path || "."}: ${error.message}`, exitCode);
     }
   }
-  async function restoreFolder(path: string): Promise<void> {
+  async function restoreFolder(entry: Entry, path: string): Promise<void> {
     const info = await Deno.lstat(path).catch(() => null);
     if (info !== null && !info.isDirectory) await Deno.remove(path); // a file or link there
     if (info === null || !info.isDirectory) return await Deno.mkdir(path, { mode: 0o700 });
     if (info.uid !== Deno.uid()) throw new UserError("another user owns it, and could swap it");
-    const folder = await openFile(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW);
-    await folder.chmod(0o700).finally(() => folder.close()); // writable for us, closed to others
+    await finishFolder({ ...entry, mode: 0o700 }, path); // writable for us, closed to others
   }
   async function isRestored(entry: Entry, path: string): Promise<boolean> {
     const info = await Deno.lstat(path).catch(() => null);
@@ -666,22 +669,21 @@ async function restore(repo: Repo, [, target]: string[], options: Options, ui: U
     const same = info?.isFile && info.size === entry.size && info.mtime?.getTime() === entry.mtime;
     const ours = info?.uid === Deno.uid() && mode === (entry.mode & RESTORED_MODE_BITS);
     if (!same || !ours) return false;
-    const hash = (chunk: Bytes) => chunkId(repo.keys, chunk);
-    const found = await readFileChunks(path, hash).catch(() => null);
+    const found = await readChunks(path, (chunk) => chunkId(repo.keys, chunk)).catch(() => null);
     return found?.chunks.join() === entry.chunks!.join();
   }
   async function restoreFile(entry: Entry, path: string, temporary: string): Promise<void> {
-    if (await isRestored(entry, path)) {
-      done.same++;
-      done.files++;
-      done.bytes += entry.size!;
-      return ui.status(progress);
-    }
+    if (await isRestored(entry, path)) done.same++;
+    else await writeFile(entry, path, temporary);
+    done.files++;
+    done.bytes += entry.size!;
+    ui.status(progress);
+  }
+  async function writeFile(entry: Entry, path: string, temporary: string): Promise<void> {
     const file = await openFile(temporary, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, 0o600);
     try {
       for await (const chunk of chunksOf(repo, entry as Content)) { // §4: each one verified
         for (let at = 0; at < chunk.length;) at += (await file.write(chunk, at)).bytesWritten;
-        done.bytes += chunk.length;
         done.written += chunk.length;
         ui.status(progress);
       }
@@ -690,36 +692,32 @@ async function restore(repo: Repo, [, target]: string[], options: Options, ui: U
       await file.close();
     }
     await Deno.rename(temporary, path); // replaces a file or link there, never follows it
-    done.files++;
   }
   async function restoreLink(entry: Entry, path: string, temporary: string): Promise<void> {
     await Deno.symlink(entry.target!, temporary);
     await lutimes(temporary, fsTime(entry), fsTime(entry));
     await Deno.rename(temporary, path);
   }
+  async function finishFolder(entry: Entry, path: string): Promise<void> {
+    const folder = await openFile(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW);
+    await finish(folder, entry).finally(() => folder.close());
+  }
+  const restorers = { dir: restoreFolder, file: restoreFile, symlink: restoreLink };
   try {
-    for (const [index, entry] of entries.entries()) { // path order: a folder before what it holds
-      const temporary = join(scratch, String(index));
-      if (entry.type === "dir") await attempt(entry, restoreFolder);
-      if (entry.type === "symlink") await attempt(entry, (to) => restoreLink(entry, to, temporary));
-      if (entry.type === "file") await attempt(entry, (to) => restoreFile(entry, to, temporary));
+    for (const [index, entry] of entries.entries()) {
+      await attempt(entry, restorers[entry.type], join(scratch, String(index)));
     }
   } finally {
     await Deno.remove(scratch, { recursive: true }); // before the target's own time is set
   }
   for (const entry of entries.toReversed()) { // deepest first
-    if (entry.type !== "dir" || failed.has(entry.path)) continue;
-    await attempt(entry, async (path) => {
-      const folder = await openFile(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW);
-      await finish(folder, entry).finally(() => folder.close());
-    });
+    if (entry.type === "dir" && !failed.has(entry.path)) await attempt(entry, finishFolder);
   }
   ui.info(`Restored snapshot ${snapshot.id}: ${progress()}`);
 }
 
 // ---- Command line -----------------------------------------------------------------------------
-const BINARY = Deno.execPath().split("/").pop();
-const SELF = BINARY === "deno" ? "deno run -A nfreezer.ts" : BINARY; // as the user runs it
+const SELF = Deno.execPath().endsWith("/deno") ? "deno run -A nfreezer.ts" : "nfreezer"; // or -o's
 const HELP = `see ${SELF} --help`;
 const USAGE = `Usage: ${SELF} <command> ...     (nfreezer ${VERSION}: encrypted backups)
   init      <repo>                create a repository (backup needs one)
@@ -743,16 +741,17 @@ const OPTIONS = {
   "accept-new-host": { type: "boolean" },
   help: { type: "boolean", short: "h" },
 } as const;
-/** A command: its arguments (<repo> is opened for it), its own options, and its lock (§8). */
-type Command = { args: string[]; options: string[]; locked?: boolean; run: Run };
-type Run = (repo: Repo, args: string[], options: Options, ui: Ui) => Promise<void>;
+/** A command: its arguments (<repo> is opened, or made if it `creates`), options and lock (§8). */
+type Command = { args: string[]; options: string[]; creates?: true; locked?: true; run: Run };
+type Run = (repo: Repo, args: string[], options: Options, ui: Ui) => Promise<void> | void;
+const reportCreated: Run = (_repo, [location], _options, ui) => ui.info(`Created ${location}`);
 async function listCommand(repo: Repo, _args: string[], _options: Options, ui: Ui): Promise<void> {
   for (const { id, time, host, source, bytes } of await listSnapshots(repo, ui) as Untyped[]) {
     ui.info(printable(`${id}  ${time}  ${host}:${source}  ${mib(bytes)}`));
   }
 }
 const COMMANDS: Record<string, Command> = {
-  init: { args: ["<repo>"], options: [], run: () => Promise.resolve() }, // openRepo makes it
+  init: { args: ["<repo>"], options: [], creates: true, run: reportCreated },
   backup: { args: ["<source-dir>", "<repo>"], options: ["exclude"], locked: true, run: backup },
   restore: { args: ["<repo>", "<target-dir>"], options: ["snapshot"], run: restore },
   snapshots: { args: ["<repo>"], options: [], run: listCommand },
@@ -789,7 +788,8 @@ const printable = (text: string) => text.replace(/\p{Cc}/gu, "?");
 /** The passphrase from --password-file, else $NFREEZER_PASSWORD, which is then removed from the
  * environment: ssh and its ProxyCommand never see it. Strict UTF-8: no two passphrases collide. */
 function getPassphrase(options: Options): string {
-  const [file, strict] = [options["password-file"], new TextDecoder("utf-8", { fatal: true })];
+  const file = options["password-file"];
+  const strict = new TextDecoder("utf-8", { fatal: true });
   let passphrase = "";
   try {
     if (file) passphrase = strict.decode(Deno.readFileSync(file)).replace(/\r?\n$/, "");
@@ -835,7 +835,7 @@ async function openRepo(location: string, options: Options, create = false): Pro
     }
     return { store, keys: await unlockConfig(await store.read("config"), passphrase) };
   } catch (error) {
-    store.close();
+    store.connection.end();
     throw error;
   }
 }
@@ -850,7 +850,7 @@ async function createRepo(store: Store, location: string, passphrase: string): P
   const config = utf8(await wrapMaster(passphrase, master, salt, nonce));
   await store.makeFolders();
   await store.create("config", config).catch(async (error) => {
-    if (!await store.exists("config")) throw error;
+    if ((await store.lstat("config")) === null) throw error;
     throw new UserError(`Another run created a repository at ${location} meanwhile`);
   });
   if (Buffer.compare(await store.read("config"), config) !== 0) throw damaged("The new config");
@@ -859,7 +859,8 @@ async function createRepo(store: Store, location: string, passphrase: string): P
 async function runCli(argv: string[]): Promise<void> {
   process.umask(0o077); // safe default: what this process creates is private to the user
   const parsed = parseArgs({ args: argv, options: OPTIONS, allowPositionals: true });
-  const [options, [name, ...args]] = [parsed.values as Options, parsed.positionals];
+  const options = parsed.values as Options;
+  const [name, ...args] = parsed.positionals;
   if (options.help || name === undefined) return console.log(USAGE);
   if (!Object.hasOwn(COMMANDS, name)) throw new UserError(`Unknown command ${name}`, 2, HELP);
   const command = COMMANDS[name];
@@ -871,10 +872,9 @@ async function runCli(argv: string[]): Promise<void> {
   const wanted = command.args.join(" ");
   if (args.length !== command.args.length) throw new UserError(`${name} takes ${wanted}`, 2, usage);
   const ui = makeUi();
-  const repo = await openRepo(args[command.args.indexOf("<repo>")], options, name === "init");
-  const run = () => command.run(repo, args, options, ui);
-  await (command.locked ? withLock(repo, run) : run()).finally(() => repo.store.close());
-  if (name === "init") ui.info(`Created ${args[0]}`);
+  const repo = await openRepo(args[command.args.indexOf("<repo>")], options, command.creates);
+  const run = async () => await command.run(repo, args, options, ui);
+  await (command.locked ? withLock(repo, run) : run()).finally(() => repo.store.connection.end());
   const problems = `${ui.problems} problem${ui.problems === 1 ? "" : "s"} (see the warnings above)`;
   if (ui.problems > 0) throw new UserError(problems, ui.exitCode);
 }

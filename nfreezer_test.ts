@@ -440,7 +440,7 @@ async function forgeSnapshot(
         : { size: manifest.length, chunks: [await put(manifest)] },
     });
   } finally {
-    repo.store.close();
+    repo.store.connection.end();
     Deno.env.delete("NFREEZER_PASSWORD");
   }
 }
@@ -868,7 +868,7 @@ Deno.test("locks: a live lock keeps tmp/ as it is; a stale lock of this host goe
       Deno.env.set("NFREEZER_PASSWORD", CHILD_ENV.NFREEZER_PASSWORD);
       const opened = await openRepo(repo, {});
       await putJson(opened, "locks/00000000000000aa", { host: Deno.hostname(), pid });
-      opened.store.close();
+      opened.store.connection.end();
       Deno.env.delete("NFREEZER_PASSWORD");
     };
     const leftover = join(repo, "tmp", "0123456789abcdef"); // as a killed backup leaves it
@@ -2083,7 +2083,7 @@ Deno.test("format §5, §6: a manifest without its root entry is refused; a snap
         const forged = { time, host: Deno.hostname(), source: Deno.realPathSync(source) };
         await putJson(opened, "snapshots/00000000000000dd", forged);
       } finally {
-        opened.store.close();
+        opened.store.connection.end();
         Deno.env.delete("NFREEZER_PASSWORD");
       }
       const named = /snapshot 00000000000000dd/;
