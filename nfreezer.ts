@@ -63,6 +63,10 @@ function parseJson(bytes: Uint8Array, what: string, gzipped = false) {
   }
 }
 
+// deno-lint-ignore no-explicit-any
+type Untyped = any; // what ssh2 (it ships no types) hands back, and errors of any kind
+type Options = Record<string, Untyped>; // the command line's, as OPTIONS parses them
+type Ui = ReturnType<typeof makeUi>; // what the user sees: lines, warnings, a status line
 // ---- Crypto (§2–§4): the only code that touches crypto.subtle ---------------------------------
 type Bytes = Uint8Array<ArrayBuffer>;
 type Keys = { encKey: CryptoKey; idKey: CryptoKey };
@@ -76,11 +80,11 @@ const gcm = (iv: Bytes, aad = "") => ({ name: "AES-GCM", iv, additionalData: utf
 const ZERO_NONCE = new Uint8Array(NONCE_BYTES); // §3: each object key seals one payload only
 
 /** §2: KEK = scrypt(NFKC(passphrase), salt, 2^log2N, r, p), its cost bounded before it runs. */
-function deriveKek(passphrase: string, kdf: Record<string, number>, salt: Bytes) {
-  const { log2N, r, p } = kdf ?? {};
+function deriveKek(passphrase: string, kdf: unknown, salt: Bytes) {
+  const { log2N, r, p } = (kdf ?? {}) as Record<string, number>; // a forger's JSON: checked next
   const memory = 128 * 2 ** log2N * r;
-  const sane = [log2N, r, p].every(Number.isInteger) && r > 0 && p > 0 && p <= 4; // RFC 7914:
-  const bounded = log2N >= 14 && log2N < 16 * r && memory <= SCRYPT_MAX_BYTES; // N < 2^(128 r / 8)
+  const sane = [log2N, r, p].every(Number.isInteger) && r > 0 && p > 0 && p <= 4;
+  const bounded = log2N >= 14 && log2N < 16 * r && memory <= SCRYPT_MAX_BYTES; // RFC 7914's N bound
   if (!sane || !bounded) throw damaged("The scrypt parameters of the repository config");
   const options = { N: 2 ** log2N, r, p, maxmem: 2 * memory };
   const kek = scryptSync(passphrase.normalize("NFKC"), salt, KEY_BYTES, options);
@@ -98,8 +102,8 @@ async function unlockConfig(bytes: Uint8Array, passphrase: string): Promise<Keys
   const config = parseJson(bytes, "The repository config");
   if (config?.format !== FORMAT) throw new UserError(`Unknown repository format ${config?.format}`);
   const [salt, nonce, wrapped] = [config.kdf?.salt, config.nonce, config.keys].map(unbase64);
-  const sizes = [salt.length, nonce.length, wrapped.length - TAG_BYTES].join();
-  if (sizes !== [SALT_BYTES, NONCE_BYTES, 2 * KEY_BYTES].join()) throw damaged("The config");
+  const sized = salt.length === SALT_BYTES && nonce.length === NONCE_BYTES;
+  if (!sized || wrapped.length !== 2 * KEY_BYTES + TAG_BYTES) throw damaged("The config");
   const kek = await deriveKek(passphrase, config.kdf, salt);
   const master = await subtle.decrypt(gcm(nonce, CONFIG_AAD), kek, wrapped).catch(() => null);
   const hint = "if it is right, the repository config was altered";
@@ -188,11 +192,10 @@ async function* chunksOf(repo: Repo, content: Content): AsyncGenerator<Bytes> {
   }
 }
 /** §5: one entry's fields, each of the right type whatever JSON a forger wrote. */
-function isEntry(entry: Entry): boolean {
-  const { path, mode, mtime, type, target } = (entry ?? {}) as Entry;
+function isEntry(entry: unknown): entry is Entry {
+  const { path, mode, mtime, type, target } = (entry ?? {}) as Entry; // checked one by one
   if (typeof path !== "string" || !path.isWellFormed() || path.includes("\0")) return false;
-  const parts = path === "" ? [] : path.split("/"); // "": the root folder
-  if (parts.some((part) => ["", ".", ".."].includes(part))) return false;
+  if (path !== "" && path.split("/").some((part) => ["", ".", ".."].includes(part))) return false;
   if (!Number.isInteger(mode) || mode < 0 || mode > 0o7777 || !Number.isFinite(mtime)) return false;
   if (type === "file") return isContent(entry);
   if (type === "symlink") return typeof target === "string" && target !== "" && !/\0/.test(target);
@@ -241,22 +244,24 @@ async function listSnapshots(repo: Repo, ui: Ui): Promise<Snapshot[]> {
   for (let at = 0; at < ids.length; at += 32) await Promise.all(ids.slice(at, at + 32).map(open));
   return snapshots.sort((a, b) => a.time.localeCompare(b.time));
 }
-/** §8: runs a backup holding a lock. A lock of this host whose process is gone is stale and
- * removed; any other lock counts, even one that does not open. With no other lock left no other
- * run can be writing, and tmp/ is emptied (§7). */
+/** §8: runs a backup holding a lock, created under its name: before any tmp/ file of its run. tmp/
+ * is listed, then the locks: one of this host whose process is gone is stale and removed; any other
+ * counts. With none left, the tmp/ files listed are deleted (§7), unless gone meanwhile. */
 async function withLock<T>(repo: Repo, work: () => Promise<T>): Promise<T> {
   const own = hex(random(8));
-  await putJson(repo, `locks/${own}`, { host: hostname(), pid: Deno.pid });
+  const lock = utf8(JSON.stringify({ host: hostname(), pid: Deno.pid }));
+  await repo.store.create(`locks/${own}`, await seal(repo.keys, `locks/${own}`, lock));
   try {
+    const leftovers = (await repo.store.list("tmp")).filter((name) => isHex(name, 16));
     let others = 0;
     for (const id of await repo.store.list("locks")) {
       if (!isHex(id, 16) || id === own) continue;
-      const lock = await getJson(repo, `locks/${id}`).catch(() => null); // gone, or not ours
-      if (lock?.host === hostname() && !isAlive(lock.pid)) await repo.store.remove(`locks/${id}`);
+      const other = await getJson(repo, `locks/${id}`).catch(() => null); // gone, or not ours
+      if (other?.host === hostname() && !isAlive(other.pid)) await repo.store.remove(`locks/${id}`);
       else others++;
     }
-    const leftovers = others === 0 ? await repo.store.list("tmp") : []; // §7: of killed runs
-    for (const name of leftovers) if (isHex(name, 16)) await repo.store.remove(`tmp/${name}`);
+    const stale = others === 0 ? leftovers : []; // else a live run may be writing them
+    for (const name of stale) await repo.store.remove(`tmp/${name}`).catch(() => {}); // or gone
     return await work();
   } finally {
     await repo.store.remove(`locks/${own}`).catch(() => {});
@@ -271,8 +276,6 @@ function isAlive(pid: unknown): boolean {
 }
 
 // ---- Storage (§1, §7): one Store over an SFTP server or a local folder ------------------------
-// deno-lint-ignore no-explicit-any
-type Untyped = any; // what ssh2 (it ships no types) hands back, and errors of any kind
 type Done<T = void> = (error: Untyped, result: T) => void;
 type Info = { isDirectory(): boolean };
 type Item = { filename: string };
@@ -301,7 +304,7 @@ const { O_RDONLY, O_WRONLY, O_CREAT, O_EXCL, O_NOFOLLOW, O_NONBLOCK, O_DIRECTORY
 
 /** Objects read and written whole, by name, inside root; each failure is one line. */
 function makeStore(connection: Connection, root: string) {
-  const { files, fsync } = connection;
+  const { files } = connection;
   const path = (name: string) => name ? `${root}/${name}` : root;
   /** One call as a promise; its error becomes "Cannot <action> <name>: <reason>". */
   const call = <T>(action: string, name: string, start: (done: Done<T>) => void) =>
@@ -315,9 +318,9 @@ function makeStore(connection: Connection, root: string) {
         reject(new UserError(`Cannot ${action} ${name || root}: ${reason}`, 1, "", error));
       });
     });
-  /** What is at name (as lstat sees it: a link is not a folder); null if nothing is. */
+  /** What is at name (or a full path: makeFolders'), as lstat sees it; null if nothing is. */
   const lstat = (name: string, full = path(name)) =>
-    call<Info>("open", name, (done) => files.lstat(full, done)).catch((error) => {
+    call<Info>("check", name, (done) => files.lstat(full, done)).catch((error) => {
       if (isMissing(error.cause)) return null;
       throw error;
     });
@@ -330,7 +333,7 @@ function makeStore(connection: Connection, root: string) {
         files.write(file, data, 0, data.length, 0, done);
       });
       if (written !== data.length) throw new UserError(`Only ${written} bytes of ${name} stored`);
-      if (fsync) await call("sync", name, (done) => files.ext_openssh_fsync(file, done));
+      if (connection.fsync) await call("sync", name, (done) => files.ext_openssh_fsync(file, done));
     } finally {
       await call("close", name, (done) => files.close(file, done));
     }
@@ -350,15 +353,16 @@ function makeStore(connection: Connection, root: string) {
     create,
     lstat,
     remove: (name: string) => call("delete", name, (done) => files.unlink(path(name), done)),
-    /** The whole object, of the size given (else its own, at most SMALL_OBJECT_BYTES). */
+    /** The whole object: of the size given, else of at most SMALL_OBJECT_BYTES; else exit 3. */
     async read(name: string, size?: number): Promise<Bytes> {
       const refuse = (reason: string) => new UserError(`Cannot read ${name}: ${reason}`, 3);
-      const data = await readStart(name, size ?? SMALL_OBJECT_BYTES + 1).catch((error) => {
+      const limit = size ?? SMALL_OBJECT_BYTES;
+      const data = await readStart(name, limit + 1).catch((error) => { // 1 more: longer is refused
         if (connection.isLost()) throw error;
         if (isMissing(error.cause)) throw refuse("it is missing");
         throw new UserError(error.message, 3);
       });
-      if (size === undefined && data.length > SMALL_OBJECT_BYTES) throw refuse("it is too large");
+      if (data.length > limit) throw refuse("it is too large");
       if (size !== undefined && data.length !== size) throw refuse("it is too short");
       return data;
     },
@@ -397,7 +401,7 @@ function makeStore(connection: Connection, root: string) {
 /** A local folder: node:fs, whose opens follow no link and wait on no FIFO (§1). */
 const LOCAL_OFFERS = { local: true, posixRename: true, fsync: true, isLost: () => false, end() {} };
 const LOCAL_FILES: Files = {
-  ...fs,
+  ...fs, // read, write, close, lstat, mkdir, unlink and rename take ssh2's arguments
   open: (path, flags, _attrs, done) => {
     const how = flags === "r" ? O_RDONLY : O_WRONLY | O_CREAT | O_EXCL;
     fs.open(path, how | O_NOFOLLOW | O_NONBLOCK, 0o600, done);
@@ -409,10 +413,8 @@ const LOCAL_FILES: Files = {
 };
 /** Runs the user's own ssh (`$NFREEZER_SSH` through `sh -c`, as git runs GIT_SSH_COMMAND: its
  * options come first and win) as `ssh [options] -s -- DESTINATION sftp`: OpenSSH checks the host
- * key and authenticates. ssh2's SFTP class speaks SFTP over its pipes; internals of the pinned
- * 1.17.0 we rely on (held by the SFTP tests): a stand-in channel (`_protocol.channelData/
- * channelClose`; ssh does flow control, so `outgoing` has no window), `_init()` sends the version
- * request, `push()` feeds replies (`push(null)` fails all pending ones), `_extensions`. */
+ * key and authenticates. ssh2's SFTP class (1.17.0) speaks SFTP over ssh's pipes, through the
+ * internals named below; the SFTP tests hold them. */
 async function connectSsh(destination: string, port: string, options: Options) {
   const hostKeys = options["accept-new-host"] ? "accept-new" : "yes";
   const args = ["-o", `StrictHostKeyChecking=${hostKeys}`, "-o", "ServerAliveInterval=15"];
@@ -424,7 +426,7 @@ async function connectSsh(destination: string, port: string, options: Options) {
   const shell = ["-c", `${ssh} "$@"`, ssh, ...args, "-s", "--", destination, "sftp"];
   const child = new Deno.Command("sh", { args: shell, stdin: "piped", stdout: "piped" }).spawn();
   const writer = child.stdin.getWriter();
-  const channel = {
+  const channel = { // ssh2 writes through `_protocol`; no window: ssh does flow control
     channelData: (_id: number, data: Uint8Array) => void writer.write(data).catch(() => {}),
     channelClose: () => void writer.close().catch(() => {}),
   };
@@ -433,13 +435,13 @@ async function connectSsh(destination: string, port: string, options: Options) {
   sftp.on("error", () => {}); // a protocol error ends the channel; pending calls fail with it
   let lost = false;
   const receive = new WritableStream({ write: (data: Uint8Array) => sftp.push(asBuffer(data)) });
-  const ended = child.stdout.pipeTo(receive).catch(() => {});
+  const ended = child.stdout.pipeTo(receive).catch(() => {}); // `push()`: ssh's output to ssh2
   ended.then(() => {
     lost = true;
-    sftp.push(null); // fails every pending request; again for the closes their failures send
-    sftp.push(null); // (ssh2's readdir closes its handle when a read fails)
+    sftp.push(null); // ssh2 fails every pending request; again, for the closes their failures
+    sftp.push(null); // send (ssh2's readdir closes its handle when a read fails)
   });
-  sftp._init();
+  sftp._init(); // ssh2 sends the version request; the reply lists `_extensions`
   const ready = new Promise((resolve) => sftp.once("ready", resolve));
   if (await Promise.race([ready.then(() => true), ended.then(() => false)]) === false) {
     const hint = `an unknown host needs --accept-new-host; \`ssh ${destination}\` shows why`;
@@ -452,7 +454,6 @@ async function connectSsh(destination: string, port: string, options: Options) {
 }
 
 // ---- Backup -----------------------------------------------------------------------------------
-type Ui = ReturnType<typeof makeUi>;
 type FileState = { size: number; mtime: number; chunks: string[] };
 type UseChunk = (chunk: Bytes) => Promise<string>;
 const isFsError = (error: unknown): error is Error => /^E[A-Z0-9]+$/.test((error as Untyped)?.code);
@@ -460,11 +461,11 @@ const mib = (bytes: number) => `${(bytes / 2 ** 20).toFixed(1)} MiB`;
 const since = (start: number) => `${((Date.now() - start) / 1000).toFixed(1)} s`;
 
 /** Walks root, following no link; skips sockets, FIFOs, devices and the repository itself. */
-function scanTree(root: string, excludes: string[], repository: string, ui: Ui): Entry[] {
+function scanTree(root: string, excludes: string[], localRepo: string, ui: Ui): Entry[] {
   const entries: Entry[] = [];
   const visit = (path: string) => {
     const full = join(root, path);
-    if (full === repository) return ui.warn(`skipped ${path}: it is the repository`);
+    if (full === localRepo) return ui.warn(`skipped ${path}: it is the repository`);
     try {
       const info = Deno.lstatSync(full);
       const entry = { path, mode: info.mode! & 0o7777, mtime: info.mtime!.getTime() };
@@ -539,9 +540,9 @@ async function backup(repo: Repo, [source]: string[], options: Options, ui: Ui):
   }
   const previous = new Map(before.map((entry) => [entry.path, entry]));
   const known = new Set(before.flatMap((entry) => entry.chunks ?? [])); // §4: stored already
-  const repository = repo.store.connection.local ? Deno.realPathSync(repo.store.root) : "";
-  if (root === repository) throw new UserError(`${source} is the repository itself`);
-  const entries = scanTree(root, options.exclude ?? [], repository, ui);
+  const localRepo = repo.store.connection.local ? Deno.realPathSync(repo.store.root) : "";
+  if (root === localRepo) throw new UserError(`${source} is the repository itself`);
+  const entries = scanTree(root, options.exclude ?? [], localRepo, ui);
   const files = entries.filter((entry) => entry.type === "file");
   const total = files.reduce((sum, entry) => sum + entry.size!, 0);
   const done = { bytes: 0, read: 0, sent: 0, chunks: 0, new: 0, changed: 0, same: 0 };
@@ -613,26 +614,26 @@ async function finish(file: FileHandle, entry: Entry): Promise<void> {
  * nothing is written through a link; a file already there with the same content is kept. Last,
  * folders get their modes and times, deepest first. A failed entry is named, and so is all that
  * a failed folder holds. As root, a target others can write to is refused: they could swap it. */
-async function restore(repo: Repo, [, target]: string[], options: Options, ui: Ui): Promise<void> {
+async function restore(repo: Repo, [target]: string[], options: Options, ui: Ui): Promise<void> {
   const started = Date.now();
   const prefix = options.snapshot ?? "";
   const matches = (await listSnapshots(repo, ui)).filter((item) => item.id.startsWith(prefix));
   if (prefix && matches.length > 1) throw new UserError(`${matches.length} ids start ${prefix}`);
   const snapshot = matches.at(-1); // §6: the newest
   const none = prefix ? `No snapshot ${prefix}` : "No snapshots";
-  if (!snapshot) throw new UserError(none, ui.exitCode);
+  if (!snapshot) throw new UserError(none, ui.exitCode); // 3 if a snapshot was skipped as damaged
   const entries = await loadManifest(repo, snapshot);
   const existing = await Deno.stat(target).catch(() => null);
   if (existing !== null && !existing.isDirectory) throw new UserError(`${target} is not a folder`);
   await Deno.mkdir(target, { recursive: true });
   const root = Deno.realPathSync(target);
   const { uid, mode: rootMode } = Deno.statSync(root);
-  const shared = uid !== Deno.uid() || (rootMode! & 0o022) !== 0; // others can write (or add)
+  const exposed = uid !== Deno.uid() || (rootMode! & 0o022) !== 0; // others can swap (or add) names
   const hint = "restore into a folder only root can write to, then move what you need";
-  if (Deno.uid() === 0 && shared) throw new UserError(`Others can write to ${target}`, 1, hint);
+  if (Deno.uid() === 0 && exposed) throw new UserError(`Others can write to ${target}`, 1, hint);
   for (const item of Deno.readDirSync(root)) { // a killed restore's private folder
-    const ours = item.isDirectory && /^\.nfreezer-restore-[0-9a-f]{16}$/.test(item.name);
-    if (ours) await Deno.remove(join(root, item.name), { recursive: true });
+    const leftover = item.isDirectory && /^\.nfreezer-restore-[0-9a-f]{16}$/.test(item.name);
+    if (leftover) await Deno.remove(join(root, item.name), { recursive: true });
   }
   const scratch = await Deno.makeTempDir({ dir: root, prefix: ".nfreezer-restore-" }); // 0700
   const files = entries.filter((entry) => entry.type === "file");
@@ -649,8 +650,8 @@ async function restore(repo: Repo, [, target]: string[], options: Options, ui: U
       if (orphaned) throw new UserError("its folder could not be restored");
       await work(entry, join(root, entry.path), temporary);
     } catch (error) {
-      const ours = error instanceof UserError || isFsError(error); // else a bug: keep its stack
-      if (!ours || repo.store.connection.isLost()) throw error;
+      const expected = error instanceof UserError || isFsError(error); // else a bug: keep its stack
+      if (!expected || repo.store.connection.isLost()) throw error;
       failed.add(entry.path);
       const exitCode = error instanceof UserError ? error.exitCode : 1;
       ui.problem(`cannot restore ${entry.path || "."}: ${error.message}`, exitCode);
@@ -667,8 +668,8 @@ async function restore(repo: Repo, [, target]: string[], options: Options, ui: U
     const info = await Deno.lstat(path).catch(() => null);
     const mode = (info?.mode ?? 0) & 0o7777;
     const same = info?.isFile && info.size === entry.size && info.mtime?.getTime() === entry.mtime;
-    const ours = info?.uid === Deno.uid() && mode === (entry.mode & RESTORED_MODE_BITS);
-    if (!same || !ours) return false;
+    const ownedAsSaved = info?.uid === Deno.uid() && mode === (entry.mode & RESTORED_MODE_BITS);
+    if (!same || !ownedAsSaved) return false;
     const found = await readChunks(path, (chunk) => chunkId(repo.keys, chunk)).catch(() => null);
     return found?.chunks.join() === entry.chunks!.join();
   }
@@ -717,7 +718,7 @@ async function restore(repo: Repo, [, target]: string[], options: Options, ui: U
 }
 
 // ---- Command line -----------------------------------------------------------------------------
-const SELF = Deno.execPath().endsWith("/deno") ? "deno run -A nfreezer.ts" : "nfreezer"; // or -o's
+const SELF = Deno.execPath().endsWith("/deno") ? "deno run -A nfreezer.ts" : "nfreezer"; // compiled
 const HELP = `see ${SELF} --help`;
 const USAGE = `Usage: ${SELF} <command> ...     (nfreezer ${VERSION}: encrypted backups)
   init      <repo>                create a repository (backup needs one)
@@ -731,7 +732,6 @@ Options:
   --known-hosts FILE    SSH known hosts file (ssh's UserKnownHostsFile)
   --accept-new-host     trust and remember the key of a host not yet in known_hosts
 Exit codes: 0 ok, 1 error, 2 usage error, 3 integrity error (tampered or missing data)`;
-type Options = Record<string, Untyped>;
 const OPTIONS = {
   exclude: { type: "string", multiple: true },
   snapshot: { type: "string" },
@@ -744,7 +744,7 @@ const OPTIONS = {
 /** A command: its arguments (<repo> is opened, or made if it `creates`), options and lock (§8). */
 type Command = { args: string[]; options: string[]; creates?: true; locked?: true; run: Run };
 type Run = (repo: Repo, args: string[], options: Options, ui: Ui) => Promise<void> | void;
-const reportCreated: Run = (_repo, [location], _options, ui) => ui.info(`Created ${location}`);
+const reportCreated: Run = (repo, _args, _options, ui) => ui.info(`Created ${repo.store.root}`);
 async function listCommand(repo: Repo, _args: string[], _options: Options, ui: Ui): Promise<void> {
   for (const { id, time, host, source, bytes } of await listSnapshots(repo, ui) as Untyped[]) {
     ui.info(printable(`${id}  ${time}  ${host}:${source}  ${mib(bytes)}`));
@@ -766,7 +766,7 @@ function makeUi() {
   };
   const ui = {
     problems: 0,
-    exitCode: 1,
+    exitCode: 1, // for problems: 3 once one was damage
     info: (text: string) => print(text),
     warn: (text: string) => print(`nfreezer: warning: ${printable(text)}`, console.error),
     problem(text: string, exitCode = 1) {
@@ -782,8 +782,7 @@ function makeUi() {
   };
   return ui;
 }
-/** No control codes from a server or a file name reach the terminal. */
-const printable = (text: string) => text.replace(/\p{Cc}/gu, "?");
+const printable = (text: string) => text.replace(/\p{Cc}/gu, "?"); // no control codes: a name's
 
 /** The passphrase from --password-file, else $NFREEZER_PASSWORD, which is then removed from the
  * environment: ssh and its ProxyCommand never see it. Strict UTF-8: no two passphrases collide. */
@@ -865,20 +864,21 @@ async function runCli(argv: string[]): Promise<void> {
   if (!Object.hasOwn(COMMANDS, name)) throw new UserError(`Unknown command ${name}`, 2, HELP);
   const command = COMMANDS[name];
   const usage = `usage: ${SELF} ${name} ${command.args.join(" ")}`;
-  const owned = Object.values(COMMANDS).flatMap((other) => other.options); // not global ones
-  const notOurs = (key: string) => owned.includes(key) && !command.options.includes(key);
-  const foreign = Object.keys(options).find(notOurs);
+  const commandOptions = Object.values(COMMANDS).flatMap((other) => other.options); // not global
+  const isForeign = (key: string) => commandOptions.includes(key) && !command.options.includes(key);
+  const foreign = Object.keys(options).find(isForeign); // another command's option
   if (foreign) throw new UserError(`${name} does not take --${foreign}`, 2, usage);
   const wanted = command.args.join(" ");
   if (args.length !== command.args.length) throw new UserError(`${name} takes ${wanted}`, 2, usage);
   const ui = makeUi();
-  const repo = await openRepo(args[command.args.indexOf("<repo>")], options, command.creates);
-  const run = async () => await command.run(repo, args, options, ui);
+  const at = command.args.indexOf("<repo>");
+  const repo = await openRepo(args[at], options, command.creates);
+  const run = async () => await command.run(repo, args.toSpliced(at, 1), options, ui); // not <repo>
   await (command.locked ? withLock(repo, run) : run()).finally(() => repo.store.connection.end());
   const problems = `${ui.problems} problem${ui.problems === 1 ? "" : "s"} (see the warnings above)`;
   if (ui.problems > 0) throw new UserError(problems, ui.exitCode);
 }
-/** Runs the command line and returns the exit code; errors that are not ours keep their stack. */
+/** Runs the command line, returns the exit code; errors not ours keep their stack trace. */
 export async function main(argv: string[]): Promise<number> {
   try {
     await runCli(argv);

@@ -310,6 +310,10 @@ async function tamperScenarios(t: Deno.TestContext, target: Target) {
       Deno.writeFileSync(largest, pristine.subarray(0, pristine.length - 100));
       await expectDamage(["big.bin"]);
     });
+    await t.step("bytes appended to a chunk", async () => {
+      Deno.writeFileSync(largest, new Uint8Array([...pristine, 0]));
+      await expectDamage(["big.bin"]);
+    });
     await t.step("a deleted chunk", async () => {
       Deno.removeSync(largest);
       await expectDamage(["big.bin"]);
