@@ -39,7 +39,7 @@ const TAG_BYTES = 16; // §2, §3: AES-GCM
 const HEADER_BYTES = MAGIC.length + SALT_BYTES; // §3
 const CHUNK_BYTES = 4 * 2 ** 20; // §4: the unit of dedup, of resume and of memory use
 const MANIFEST_MAX_BYTES = 256 * 2 ** 20; // §5: its JSON and its gzip, when written and read
-const SMALL_OBJECT_BYTES = 64 * 1024; // §2, §6, §8: a few hundred bytes; larger is refused unread
+const SMALL_OBJECT_BYTES = 64 * 1024; // §2, §6, §8: a few hundred bytes; larger is refused
 const RESTORED_MODE_BITS = 0o1777; // never setuid or setgid: owners are not restored
 const PRIVATE = { mode: 0o600 }; // §7: what nfreezer creates is its user's alone
 const CONNECT_TIMEOUT_SECONDS = 20; // for ssh: an unreachable host fails instead of hanging
@@ -528,7 +528,7 @@ async function storeFile(root: string, path: string, useChunk: UseChunk, ui: Ui)
 async function backup(repo: Repo, [source]: string[], options: Options, ui: Ui): Promise<void> {
   if (!Deno.statSync(source).isDirectory) throw new UserError(`${source} is not a folder`);
   const started = Date.now();
-  const root = Deno.realPathSync(source);
+  const root = Deno.realPathSync(source); // no link in it: readChunks' /proc check needs that
   const listed = await listSnapshots(repo, ui);
   const parent = listed.findLast((item) => item.host === hostname() && item.source === root);
   let before: Entry[] = []; // the parent's entries: unchanged files are not read again
