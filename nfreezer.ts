@@ -25,7 +25,6 @@ import { parseArgs } from "node:util";
 import { gunzipSync, gzipSync } from "node:zlib";
 import { SFTP } from "npm:ssh2@1.17.0/lib/protocol/SFTP.js";
 
-const VERSION = "0.4.0";
 const FORMAT = 2; // §2 (1 was the pre-release format)
 const SCRYPT = { log2N: 17, r: 8, p: 1 }; // §2: ~0.6 s and 128 MiB on our machines
 const SCRYPT_MAX_BYTES = 256 * 2 ** 20; // §2: a config may not make us allocate more
@@ -250,13 +249,13 @@ async function listSnapshots(repo: Repo, ui: Ui): Promise<Snapshot[]> {
 async function withLock<T>(repo: Repo, work: () => Promise<T>): Promise<T> {
   const own = hex(random(8));
   const lock = utf8(JSON.stringify({ host: hostname(), pid: Deno.pid }));
-  await repo.store.create(`locks/${own}`, await seal(repo.keys, `locks/${own}`, lock));
   try {
+    await repo.store.create(`locks/${own}`, await seal(repo.keys, `locks/${own}`, lock));
     const leftovers = (await repo.store.list("tmp")).filter((name) => isHex(name, 16));
     let others = 0;
     for (const id of await repo.store.list("locks")) {
       if (!isHex(id, 16) || id === own) continue;
-      const other = await getJson(repo, `locks/${id}`).catch(() => null); // gone, or not ours
+      const other = await getJson(repo, `locks/${id}`).catch(() => null); // gone, or won't open
       if (other?.host === hostname() && !isAlive(other.pid)) await repo.store.remove(`locks/${id}`);
       else others++;
     }
@@ -324,7 +323,7 @@ function makeStore(connection: Connection, root: string) {
       if (isMissing(error.cause)) return null;
       throw error;
     });
-  /** Creates name exclusively (mode 0600), writes and syncs it. */
+  /** Creates name exclusively (mode 0600), writes and syncs it; a failure then removes it. */
   async function create(name: string, object: Uint8Array): Promise<void> {
     const data = asBuffer(object);
     const file = await call("create", name, (done) => files.open(path(name), "wx", PRIVATE, done));
@@ -334,6 +333,9 @@ function makeStore(connection: Connection, root: string) {
       });
       if (written !== data.length) throw new UserError(`Only ${written} bytes of ${name} stored`);
       if (connection.fsync) await call("sync", name, (done) => files.ext_openssh_fsync(file, done));
+    } catch (error) {
+      await call("delete", name, (done) => files.unlink(path(name), done)).catch(() => {});
+      throw error; // the first failure, not the clean-up's
     } finally {
       await call("close", name, (done) => files.close(file, done));
     }
@@ -563,23 +565,23 @@ async function backup(repo: Repo, [source]: string[], options: Options, ui: Ui):
     return id;
   };
   const storeFileChunk = (chunk: Bytes) => {
-    done.bytes += chunk.length; // the manifest's chunks are not in the total
+    done.read += chunk.length; // a retry's too (the manifest's chunks are not read from files)
     return storeChunk(chunk);
   };
   const kept: Entry[] = [];
   for (const entry of entries) {
     const old = previous.get(entry.path);
+    done.bytes += entry.size ?? 0; // the files reached, read or not: the status line's "of"
     if (entry.type !== "file") kept.push(entry);
     else if (old?.type === "file" && old.size === entry.size && old.mtime === entry.mtime) {
       kept.push({ ...entry, chunks: old.chunks });
       done.same++;
-      done.bytes += entry.size!;
     } else {
       const stored = await storeFile(root, entry.path, storeFileChunk, ui);
       if (stored === null) continue;
       kept.push({ ...entry, ...stored });
-      done.read += stored.size;
-      done[old?.type === "file" ? "changed" : "new"]++;
+      if (old?.type === "file") done.changed++;
+      else done.new++;
     }
   }
   const json = utf8(JSON.stringify(kept));
@@ -616,12 +618,11 @@ async function finish(file: FileHandle, entry: Entry): Promise<void> {
  * a failed folder holds. As root, a target others can write to is refused: they could swap it. */
 async function restore(repo: Repo, [target]: string[], options: Options, ui: Ui): Promise<void> {
   const started = Date.now();
-  const prefix = options.snapshot ?? "";
-  const matches = (await listSnapshots(repo, ui)).filter((item) => item.id.startsWith(prefix));
-  if (prefix && matches.length > 1) throw new UserError(`${matches.length} ids start ${prefix}`);
+  const asked = options.snapshot ?? ""; // an id's start; "": the newest
+  const matches = (await listSnapshots(repo, ui)).filter((item) => item.id.startsWith(asked));
+  if (asked && matches.length > 1) throw new UserError(`${matches.length} ids start ${asked}`);
   const snapshot = matches.at(-1); // §6: the newest
-  const none = prefix ? `No snapshot ${prefix}` : "No snapshots";
-  if (!snapshot) throw new UserError(none, ui.exitCode); // 3 if a snapshot was skipped as damaged
+  if (!snapshot) throw new UserError(asked ? `No snapshot ${asked}` : "No snapshots", ui.exitCode);
   const entries = await loadManifest(repo, snapshot);
   const existing = await Deno.stat(target).catch(() => null);
   if (existing !== null && !existing.isDirectory) throw new UserError(`${target} is not a folder`);
@@ -720,7 +721,7 @@ async function restore(repo: Repo, [target]: string[], options: Options, ui: Ui)
 // ---- Command line -----------------------------------------------------------------------------
 const SELF = Deno.execPath().endsWith("/deno") ? "deno run -A nfreezer.ts" : "nfreezer"; // compiled
 const HELP = `see ${SELF} --help`;
-const USAGE = `Usage: ${SELF} <command> ...     (nfreezer ${VERSION}: encrypted backups)
+const USAGE = `Usage: ${SELF} <command> ...     (nfreezer 0.4.0: encrypted backups)
   init      <repo>                create a repository (backup needs one)
   backup    <source-dir> <repo>   add a snapshot         [--exclude GLOB]...
   restore   <repo> <target-dir>   restore the newest snapshot, or [--snapshot ID-PREFIX]
@@ -893,7 +894,6 @@ export async function main(argv: string[]): Promise<number> {
   }
 }
 
-// For the tests: they forge hostile objects and check the README's known-answer vectors.
-export { chunkId, importKeys, openRepo, padme, putJson, seal, unlockConfig, wrapMaster };
+export { chunkId, importKeys, openRepo, padme, putJson, seal, unlockConfig, wrapMaster }; // tests
 
 if (import.meta.main) Deno.exit(await main(Deno.args));

@@ -891,6 +891,37 @@ Deno.test("locks: a live lock keeps tmp/ as it is; a stale lock of this host goe
   }
 });
 
+Deno.test("a write that fails once its file is made leaves nothing: init says why, backup leaves no lock", async () => {
+  const work = Deno.makeTempDirSync({ prefix: "nfreezer-efbig-" });
+  const [source, repo] = [join(work, "source"), join(work, "repo")];
+  /** The tool with a file size limit of 0: a file can be made, but any write to it fails (EFBIG). */
+  const limited = async (args: string[]): Promise<Run> => {
+    const script = `trap '' XFSZ; ulimit -f 0; exec "$0" run -A "$@"`;
+    const { code, stderr } = await new Deno.Command("bash", {
+      args: ["-c", script, Deno.execPath(), TOOL, ...args],
+      env: CHILD_ENV,
+      stdout: "null",
+      stderr: "piped",
+    }).output();
+    return { code, stdout: "", stderr: new TextDecoder().decode(stderr) };
+  };
+  try {
+    Deno.mkdirSync(source);
+    Deno.writeTextFileSync(join(source, "a.txt"), "a\n");
+    assertOneLineError(await limited(["init", repo]), 1, /Cannot write config: /);
+    assert.ok(!exists(join(repo, "config")), "a partial config was left");
+    Deno.removeSync(repo, { recursive: true });
+    await ok(["init", repo]);
+    const backup = await limited(["backup", source, repo]);
+    assertOneLineError(backup, 1, /Cannot write locks\/[0-9a-f]{16}: /);
+    assert.deepEqual(repoFiles(repo, "locks"), [], "a partial lock was left");
+    assert.deepEqual(repoFiles(repo, "tmp"), []);
+    await ok(["backup", source, repo]);
+  } finally {
+    Deno.removeSync(work, { recursive: true });
+  }
+});
+
 /** Runs the tool on a pseudo-terminal (util-linux `script`), answering each prompt once it shows. */
 async function onTerminal(args: string[], answers: (string | Uint8Array)[] = []): Promise<Run> {
   const line = ["env", "-u", "NFREEZER_PASSWORD", Deno.execPath(), "run", "-A", TOOL, ...args];
