@@ -62,10 +62,37 @@ function parseJson(bytes: Uint8Array, what: string, gzipped = false) {
   }
 }
 
+/** Output. A problem is counted: exit 1 (3 for damage) once the rest is done. On a terminal, a
+ * status line on stderr, redrawn at most once a second. */
+function makeUi() {
+  let drawnAt = 0; // 0: no status line is on the screen
+  const print = (text: string, log = console.log) => {
+    if (drawnAt > 0) Deno.stderr.writeSync(utf8("\r\x1b[K"));
+    log(text);
+  };
+  const ui = {
+    problems: 0,
+    exitCode: 1, // for problems: 3 once one was damage
+    info: (text: string) => print(text),
+    warn: (text: string) => print(`nfreezer: warning: ${printable(text)}`, console.error),
+    problem(text: string, exitCode = 1) {
+      ui.warn(text);
+      ui.problems++;
+      ui.exitCode = Math.max(ui.exitCode, exitCode);
+    },
+    status(text: () => string) {
+      if (!Deno.stderr.isTerminal() || Date.now() - drawnAt < STATUS_EVERY_MS) return;
+      drawnAt = Date.now();
+      Deno.stderr.writeSync(utf8(`\r\x1b[K${printable(text())}`));
+    },
+  };
+  return ui;
+}
+const printable = (text: string) => text.replace(/\p{Cc}/gu, "?"); // no control code is shown
 // deno-lint-ignore no-explicit-any
 type Untyped = any; // what ssh2 (it ships no types) hands back, and errors of any kind
 type Options = Record<string, Untyped>; // the command line's, as OPTIONS parses them
-type Ui = ReturnType<typeof makeUi>; // what the user sees: lines, warnings, a status line
+type Ui = ReturnType<typeof makeUi>;
 // ---- Crypto (§2–§4): the only code that touches crypto.subtle ---------------------------------
 type Bytes = Uint8Array<ArrayBuffer>;
 type Keys = { encKey: CryptoKey; idKey: CryptoKey };
@@ -370,11 +397,11 @@ function makeStore(connection: Connection, root: string) {
     },
     /** §7: to tmp/ (created exclusively), synced, then renamed: a name never holds a part. */
     async write(name: string, object: Uint8Array): Promise<void> {
-      const [from, to] = [`tmp/${hex(random(8))}`, path(name)];
-      await create(from, object);
-      await call("rename", from, (done) => {
-        if (connection.posixRename) files.ext_openssh_rename(path(from), to, done);
-        else files.rename(path(from), to, done);
+      const temporary = `tmp/${hex(random(8))}`;
+      await create(temporary, object);
+      await call("rename", temporary, (done) => {
+        if (connection.posixRename) files.ext_openssh_rename(path(temporary), path(name), done);
+        else files.rename(path(temporary), path(name), done);
       });
     },
     /** The names in a folder; none if there is no such folder. */
@@ -757,33 +784,6 @@ const COMMANDS: Record<string, Command> = {
   restore: { args: ["<repo>", "<target-dir>"], options: ["snapshot"], run: restore },
   snapshots: { args: ["<repo>"], options: [], run: listCommand },
 };
-/** Output. A problem is counted: exit 1 (3 for damage) once the rest is done. On a terminal, a
- * status line on stderr, redrawn at most once a second. */
-function makeUi() {
-  let drawnAt = 0; // 0: no status line is on the screen
-  const print = (text: string, log = console.log) => {
-    if (drawnAt > 0) Deno.stderr.writeSync(utf8("\r\x1b[K"));
-    log(text);
-  };
-  const ui = {
-    problems: 0,
-    exitCode: 1, // for problems: 3 once one was damage
-    info: (text: string) => print(text),
-    warn: (text: string) => print(`nfreezer: warning: ${printable(text)}`, console.error),
-    problem(text: string, exitCode = 1) {
-      ui.warn(text);
-      ui.problems++;
-      ui.exitCode = Math.max(ui.exitCode, exitCode);
-    },
-    status(text: () => string) {
-      if (!Deno.stderr.isTerminal() || Date.now() - drawnAt < STATUS_EVERY_MS) return;
-      drawnAt = Date.now();
-      Deno.stderr.writeSync(utf8(`\r\x1b[K${printable(text())}`));
-    },
-  };
-  return ui;
-}
-const printable = (text: string) => text.replace(/\p{Cc}/gu, "?"); // no control codes: a name's
 
 /** The passphrase from --password-file, else $NFREEZER_PASSWORD, which is then removed from the
  * environment: ssh and its ProxyCommand never see it. Strict UTF-8: no two passphrases collide. */
