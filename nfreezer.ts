@@ -6,7 +6,7 @@
  *   restore target already holds.
  * Guaranteed: keys, names, paths, contents, modes and times never leave in clear. A changed,
  *   truncated, swapped, renamed or replayed object fails authentication before a byte of it is
- *   written: restore reproduces the snapshot or exits 3 naming what it could not verify. Nothing
+ *   in place: restore reproduces the snapshot or exits 3 naming what it could not verify. Nothing
  *   lands outside the target or through a link in it (races: README). Memory stays bounded.
  * Not hidden: the size, number and Padmé-padded sizes of objects, when backups run, how much
  *   changed. The server can delete it all or withhold new snapshots. More in the README.
@@ -41,7 +41,6 @@ const MANIFEST_MAX_BYTES = 256 * 2 ** 20; // §5: its JSON and its gzip, when wr
 const SMALL_OBJECT_BYTES = 64 * 1024; // §2, §6, §8: a few hundred bytes; larger is refused
 const RESTORED_MODE_BITS = 0o1777; // never setuid or setgid: owners are not restored
 const PRIVATE = { mode: 0o600 }; // §7: what nfreezer creates is its user's alone
-const CONNECT_TIMEOUT_SECONDS = 20; // for ssh: an unreachable host fails instead of hanging
 const STATUS_EVERY_MS = 1000; // the progress line is redrawn at most this often
 
 /** What a user sees: one line, a hint, an exit code (1 error, 2 usage, 3 integrity). */
@@ -65,7 +64,7 @@ function parseJson(bytes: Uint8Array, what: string, gzipped = false) {
 /** Output. A problem is counted: exit 1 (3 for damage) once the rest is done. On a terminal, a
  * status line on stderr, redrawn at most once a second. */
 function makeUi() {
-  let drawnAt = 0; // 0: no status line is on the screen
+  let drawnAt = 0; // when the status line was last drawn; 0: never (nothing to erase)
   const print = (text: string, log = console.log) => {
     if (drawnAt > 0) Deno.stderr.writeSync(utf8("\r\x1b[K"));
     log(text);
@@ -211,9 +210,9 @@ function isContent(value: unknown): value is Content {
 async function* chunksOf(repo: Repo, content: Content): AsyncGenerator<Bytes> {
   for (const [index, id] of content.chunks.entries()) {
     const length = Math.min(CHUNK_BYTES, content.size - index * CHUNK_BYTES);
-    const object = await repo.store.read(`data/${id}`, sealedBytes(length));
-    const chunk = await unseal(repo.keys, `data/${id}`, object);
-    if (chunk.length !== length || await chunkId(repo.keys, chunk) !== id) throw damaged(id);
+    const name = `data/${id}`;
+    const chunk = await unseal(repo.keys, name, await repo.store.read(name, sealedBytes(length)));
+    if (chunk.length !== length || await chunkId(repo.keys, chunk) !== id) throw damaged(name);
     yield chunk;
   }
 }
@@ -283,11 +282,12 @@ async function withLock<T>(repo: Repo, work: () => Promise<T>): Promise<T> {
     for (const id of await repo.store.list("locks")) {
       if (!isHex(id, 16) || id === own) continue;
       const other = await getJson(repo, `locks/${id}`).catch(() => null); // gone, or won't open
-      if (other?.host === hostname() && !isAlive(other.pid)) await repo.store.remove(`locks/${id}`);
+      const stale = other?.host === hostname() && !isAlive(other.pid); // its process is gone
+      if (stale) await repo.store.remove(`locks/${id}`).catch(() => {}); // or another run did
       else others++;
     }
-    const stale = others === 0 ? leftovers : []; // else a live run may be writing them
-    for (const name of stale) await repo.store.remove(`tmp/${name}`).catch(() => {}); // or gone
+    const deletable = others === 0 ? leftovers : []; // else a live run may be writing them
+    for (const name of deletable) await repo.store.remove(`tmp/${name}`).catch(() => {}); // or gone
     return await work();
   } finally {
     await repo.store.remove(`locks/${own}`).catch(() => {});
@@ -420,10 +420,10 @@ function makeStore(connection: Connection, root: string) {
       }
     },
     /** §7: a local folder is synced after renames into it, so they survive a power cut. */
-    syncFolder(folder: string): void {
+    async syncFolder(folder: string): Promise<void> {
       if (!connection.local) return; // a server's file system decides
-      using handle = Deno.openSync(path(folder)); // closed when it goes out of scope
-      handle.syncSync();
+      const handle = await openFile(path(folder), O_RDONLY | O_DIRECTORY | O_NOFOLLOW); // no FIFO
+      await handle.sync().finally(() => handle.close());
     },
   };
 }
@@ -433,7 +433,7 @@ const LOCAL_FILES: Files = {
   ...fs, // read, write, close, lstat, mkdir, unlink and rename take ssh2's arguments
   open: (path, flags, _attrs, done) => {
     const how = flags === "r" ? O_RDONLY : O_WRONLY | O_CREAT | O_EXCL;
-    fs.open(path, how | O_NOFOLLOW | O_NONBLOCK, 0o600, done);
+    fs.open(path, how | O_NOFOLLOW | O_NONBLOCK, PRIVATE.mode, done);
   },
   readdir: (path, done) =>
     fs.readdir(path, (error, names) => done(error, names?.map((filename) => ({ filename })))),
@@ -447,7 +447,7 @@ const LOCAL_FILES: Files = {
 async function connectSsh(destination: string, port: string, options: Options) {
   const hostKeys = options["accept-new-host"] ? "accept-new" : "yes";
   const args = ["-o", `StrictHostKeyChecking=${hostKeys}`, "-o", "ServerAliveInterval=15"];
-  args.push("-o", "ServerAliveCountMax=3", "-o", `ConnectTimeout=${CONNECT_TIMEOUT_SECONDS}`);
+  args.push("-o", "ServerAliveCountMax=3", "-o", "ConnectTimeout=20"); // dead host: fail, not hang
   if (options.identity) args.push("-i", options.identity);
   if (options["known-hosts"]) args.push("-o", `UserKnownHostsFile="${options["known-hosts"]}"`);
   if (port) args.push("-p", port);
@@ -546,7 +546,7 @@ async function storeFile(root: string, path: string, useChunk: UseChunk, ui: Ui)
       const stored = await readChunks(join(root, path), useChunk);
       if (stored !== null) return stored;
     }
-    ui.problem(`skipped ${path}: it kept changing while being read`);
+    ui.problem(`skipped ${path}: it kept changing while being read (or is no file now)`);
   } catch (error) {
     if (!isFsError(error)) throw error; // not the file's: an upload failed, or a bug
     ui.problem(`cannot read ${path}: ${error.message}`);
@@ -621,11 +621,11 @@ async function backup(repo: Repo, [source]: string[], options: Options, ui: Ui):
   for (let offset = 0; offset < packed.length; offset += CHUNK_BYTES) {
     manifest.chunks.push(await storeChunk(packed.slice(offset, offset + CHUNK_BYTES)));
   }
-  repo.store.syncFolder("data"); // §6: every chunk is stored before a snapshot can refer to it
+  await repo.store.syncFolder("data"); // §6: every chunk is stored before a snapshot names it
   const snapshotId = hex(random(8));
   const snapshot = { time: new Date().toISOString(), host: hostname(), source: root, manifest };
   await putJson(repo, `snapshots/${snapshotId}`, { ...snapshot, parent: parent?.id, bytes: total });
-  repo.store.syncFolder("snapshots");
+  await repo.store.syncFolder("snapshots");
   ui.info(`Snapshot ${snapshotId}: ${progress()}`);
 }
 
@@ -656,9 +656,9 @@ async function restore(repo: Repo, [target]: string[], options: Options, ui: Ui)
   await Deno.mkdir(target, { recursive: true });
   const root = Deno.realPathSync(target);
   const { uid, mode: rootMode } = Deno.statSync(root);
-  const exposed = uid !== Deno.uid() || (rootMode! & 0o022) !== 0; // others can swap (or add) names
-  const hint = "restore into a folder only root can write to, then move what you need";
-  if (Deno.uid() === 0 && exposed) throw new UserError(`Others can write to ${target}`, 1, hint);
+  const exposed = uid !== Deno.uid() || (rootMode! & 0o022) !== 0; // its owner or others could swap
+  const hint = "restore into a folder root owns and alone can write to, then move what you need";
+  if (Deno.uid() === 0 && exposed) throw new UserError(`${target} is open to other users`, 1, hint);
   for (const item of Deno.readDirSync(root)) { // a killed restore's private folder
     const leftover = item.isDirectory && /^\.nfreezer-restore-[0-9a-f]{16}$/.test(item.name);
     if (leftover) await Deno.remove(join(root, item.name), { recursive: true });
@@ -679,7 +679,7 @@ async function restore(repo: Repo, [target]: string[], options: Options, ui: Ui)
       await work(entry, join(root, entry.path), temporary);
     } catch (error) {
       const expected = error instanceof UserError || isFsError(error); // else a bug: keep its stack
-      if (!expected || repo.store.connection.isLost()) throw error;
+      if (!expected || (!orphaned && repo.store.connection.isLost())) throw error;
       failed.add(entry.path);
       const exitCode = error instanceof UserError ? error.exitCode : 1;
       ui.problem(`cannot restore ${entry.path || "."}: ${error.message}`, exitCode);
@@ -815,7 +815,7 @@ function parseLocation(location: string) {
     return { destination: user + host, port: url.port, path };
   }
   const scp = /^([^/:]+):(.*)$/.exec(location); // as scp: a local "a:b" is written ./a:b
-  if (scp) return { destination: scp[1], port: "", path: scp[2].replace(/^~\//, "") || "." };
+  if (scp) return { destination: scp[1], port: "", path: scp[2].replace(/^~(\/|$)/, "") || "." };
   return { destination: "", port: "", path: absolutePath(location) };
 }
 /** Opens the repository at a location, or with `create` makes a new one there (init). */
