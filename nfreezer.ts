@@ -269,14 +269,15 @@ async function listSnapshots(repo: Repo, ui: Ui): Promise<Snapshot[]> {
   for (let at = 0; at < ids.length; at += 32) await Promise.all(ids.slice(at, at + 32).map(open));
   return snapshots.sort((a, b) => a.time.localeCompare(b.time));
 }
-/** §8: runs a backup holding a lock, created under its name: before any tmp/ file of its run. tmp/
- * is listed, then the locks: one of this host whose process is gone is stale and removed; any other
- * counts. With none left, the tmp/ files listed are deleted (§7), unless gone meanwhile. */
+/** §8: runs a backup holding a lock, written in locks/ (not through tmp/): there whole before any
+ * tmp/ file of its run. tmp/ is listed, then the locks: one of this host whose process is gone is
+ * stale and removed; any other counts. With none left, the tmp/ files listed are deleted (§7). */
 async function withLock<T>(repo: Repo, work: () => Promise<T>): Promise<T> {
   const own = hex(random(8));
   const lock = utf8(JSON.stringify({ host: hostname(), pid: Deno.pid }));
   try {
-    await repo.store.create(`locks/${own}`, await seal(repo.keys, `locks/${own}`, lock));
+    const sealed = await seal(repo.keys, `locks/${own}`, lock);
+    await repo.store.write(`locks/${own}`, sealed, `locks/${own}.new`); // not a lock till renamed
     const leftovers = (await repo.store.list("tmp")).filter((name) => isHex(name, 16));
     let others = 0;
     for (const id of await repo.store.list("locks")) {
@@ -396,8 +397,7 @@ function makeStore(connection: Connection, root: string) {
       return data;
     },
     /** §7: to tmp/ (created exclusively), synced, then renamed: a name never holds a part. */
-    async write(name: string, object: Uint8Array): Promise<void> {
-      const temporary = `tmp/${hex(random(8))}`;
+    async write(name: string, object: Uint8Array, temporary = `tmp/${hex(random(8))}`) {
       await create(temporary, object);
       await call("rename", temporary, (done) => {
         if (connection.posixRename) files.ext_openssh_rename(path(temporary), path(name), done);

@@ -913,7 +913,7 @@ Deno.test("a write that fails once its file is made leaves nothing: init says wh
     Deno.removeSync(repo, { recursive: true });
     await ok(["init", repo]);
     const backup = await limited(["backup", source, repo]);
-    assertOneLineError(backup, 1, /Cannot write locks\/[0-9a-f]{16}: /);
+    assertOneLineError(backup, 1, /Cannot write locks\/[0-9a-f]{16}\.new: /);
     assert.deepEqual(repoFiles(repo, "locks"), [], "a partial lock was left");
     assert.deepEqual(repoFiles(repo, "tmp"), []);
     await ok(["backup", source, repo]);
